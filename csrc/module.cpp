@@ -2,10 +2,9 @@
 // It never sees a torch type: pointers and streams arrive as integers (see csrc/tensor_args.h).
 #include <pybind11/pybind11.h>
 
-#include "cpu/register_ops.h"
+#include "op_registration.h"
 #ifdef FLASHSTEP_WITH_CUDA
 #include <cuda_runtime.h>
-#include "cuda/register_ops.h"
 #endif
 
 namespace py = pybind11;
@@ -61,8 +60,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version the module was built with (0 without CUDA)");
   m.def("cuda_driver_version", &cuda_driver_version, "CUDA driver version (0 without a driver)");
 
-  flashstep::cpu::register_ops(m);
-#ifdef FLASHSTEP_WITH_CUDA
-  flashstep::cuda::register_ops(m);
-#endif
+  // Every csrc/cpu/<op>.cpp and (when built) csrc/cuda/<op>.cpp registered itself.
+  flashstep::bind_registered_ops(m);
 }

@@ -1,0 +1,1 @@
+"""Architectures written on :mod:`flashstep.ops`, with module and parameter names of the public checkpoints."""
