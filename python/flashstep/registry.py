@@ -26,6 +26,7 @@ Selection, first rule that applies:
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 import importlib.util
 import os
@@ -205,7 +206,36 @@ class Op:
         return impl
 
     def __call__(self, *args: Any, backend: Optional[str] = None, **kwargs: Any) -> Any:
-        return self.select(*args, backend=backend, **kwargs).forward(*args, **kwargs)
+        impl = self.select(*args, backend=backend, **kwargs)
+        trace = _trace.get()
+        if trace is not None:
+            trace.append((self.name, impl.backend, _shape_of(args[0]) if args else ()))
+        return impl.forward(*args, **kwargs)
+
+
+def _shape_of(value: Any) -> tuple:
+    return tuple(value.shape) if hasattr(value, "shape") else ()
+
+
+# When set (see :func:`trace_ops`), every op call appends (op name, backend taken, first input's shape).
+_trace: contextvars.ContextVar[Optional[List[tuple]]] = contextvars.ContextVar("flashstep_op_trace", default=None)
+
+
+class trace_ops:
+    """Context manager recording which backend every op call took::
+
+        with registry.trace_ops() as calls:
+            model(x)
+        # calls: [("conv2d", "aten", (1, 4, 64, 64)), ...]
+    """
+
+    def __enter__(self) -> List[tuple]:
+        self.calls: List[tuple] = []
+        self._token = _trace.set(self.calls)
+        return self.calls
+
+    def __exit__(self, *exc: Any) -> None:
+        _trace.reset(self._token)
 
 
 _OPS: Dict[str, Op] = {}
