@@ -1,10 +1,19 @@
-"""The ``flashstep`` command line."""
+"""The ``flashstep`` command line: ``info``, ``upscale``, ``generate``."""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+EXIT_FAILED_ITEMS = 1
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A command-line option or argument is wrong; the message says which and how to fix it."""
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -15,12 +24,134 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_options(args: argparse.Namespace) -> Dict:
+    options = {"device": args.device, "dtype": args.dtype, "max_memory": args.max_memory, "progress": not args.quiet}
+    for name in ("base", "lora", "de_net", "adapter"):
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def _load_pipeline(args: argparse.Namespace, kind_hint: Optional[str] = None):
+    from . import pipelines
+
+    model = args.model or kind_hint or "default"
+    options = _pipeline_options(args)
+    if model == "default":
+        options["scale"] = args.scale
+    elif model not in pipelines.KINDS:
+        if not Path(model).exists():
+            raise UsageError(f"--model {model!r} is neither a kind ({', '.join(pipelines.KINDS)}) nor an existing file")
+    return pipelines.load(model, **options)
+
+
+def _output_paths(inputs: List[Path], output: Path, fmt: Optional[str]) -> List[Path]:
+    from .imageio import WRITE_FORMATS
+
+    single_file = len(inputs) == 1 and output.suffix.lower() in WRITE_FORMATS and not output.is_dir()
+    if single_file:
+        return [output]
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"-o {output}: several inputs need an output folder, and {output} is a file")
+    paths, seen = [], {}
+    for path in inputs:
+        suffix = f".{fmt.lstrip('.')}" if fmt else (path.suffix.lower() if path.suffix.lower() in WRITE_FORMATS else ".png")
+        target = output / f"{path.stem}{suffix}"
+        if target in seen:
+            raise UsageError(f"{path} and {seen[target]} would both be written to {target}; use --format or rename one")
+        seen[target] = path
+        paths.append(target)
+    return paths
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .imageio import ImageReadError, ImageWriteError, list_images, read_image, write_image
+
+    inputs = list_images(args.inputs)
+    if not inputs:
+        raise UsageError(f"no images found in {', '.join(args.inputs)}")
+    outputs = _output_paths(inputs, Path(args.output), args.format)
+    protected = set(inputs)
+    todo = [(i, o) for i, o in zip(inputs, outputs) if args.overwrite or not o.exists()]
+    skipped = len(inputs) - len(todo)
+    failures: List[Tuple[Path, str]] = []
+    pipe = _load_pipeline(args) if todo else None
+    for source, target in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) < 2):
+        try:
+            image = read_image(source)
+            result = pipe(image, prompt=args.prompt, seed=args.seed, scale=args.scale, tile=args.tile,
+                          color_fix=args.color_fix)
+            write_image(result, target, quality=args.quality, overwrite=args.overwrite, protected=protected)
+        except (ImageReadError, ImageWriteError) as error:
+            failures.append((source, str(error)))
+        except (ValueError, RuntimeError, MemoryError) as error:
+            failures.append((source, f"{source}: {type(error).__name__}: {error}"))
+    done = len(todo) - len(failures)
+    if not args.quiet or failures:
+        print(f"upscaled {done}, skipped {skipped} (output exists; --overwrite to redo), failed {len(failures)}",
+              file=sys.stderr)
+    for _, message in failures:
+        print(f"  failed: {message}", file=sys.stderr)
+    return EXIT_FAILED_ITEMS if failures else 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .imageio import write_image
+
+    pipe = _load_pipeline(args, kind_hint="sd-turbo")
+    images = pipe(prompt=args.prompt, seed=args.seed, height=args.height, width=args.width, output_type="pil")
+    output = Path(args.output)
+    targets = [output] if len(images) == 1 else [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(images))]
+    for image, target in zip(images, targets):
+        write_image(image, target, quality=args.quality, overwrite=args.overwrite)
+    return 0
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="compute precision (default: fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--max-memory", dest="max_memory", help="memory budget for activations, e.g. 8GB (default: from free memory)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality 1..100 (default 95)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--base", help="base model (diffusers folder or single-file checkpoint) for diffusion kinds")
+    parser.add_argument("--lora", help="adapter file (osediff.pkl, s3diff.pkl, a LoRA)")
+    parser.add_argument("--de-net", dest="de_net", help="S3Diff degradation estimator (de_net.pth)")
+    parser.add_argument("--adapter", help="latent upscaler weights (latent-upscale)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashstep", description="One-step diffusion SR and generation, fast.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     info_parser = commands.add_parser("info", help="version, build, devices and the backends of every op")
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info_parser.set_defaults(handler=_cmd_info)
+
+    upscale = commands.add_parser("upscale", help="upscale images (files or folders)")
+    upscale.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of images")
+    upscale.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
+    upscale.add_argument("--model", help="default (bundled), a kind (osediff, s3diff, pixel-sr, ...) or an SR checkpoint")
+    upscale.add_argument("--scale", type=float, help="output scale (default: the model's own, 4 for default)")
+    upscale.add_argument("--tile", type=int, help="tile side in output pixels; 0 = never tile (default: from the memory budget)")
+    upscale.add_argument("--color-fix", dest="color_fix", choices=["adain", "wavelet", "none"], help="colour correction (default: the model's reference)")
+    upscale.add_argument("--prompt", help="text prompt for diffusion SR (default: empty)")
+    upscale.add_argument("--format", help="output extension when writing to a folder (default: the input's, else png)")
+    _add_common(upscale)
+    upscale.set_defaults(handler=_cmd_upscale)
+
+    generate = commands.add_parser("generate", help="generate an image from a prompt with a one-step generator")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("-o", "--output", required=True, help="output image file")
+    generate.add_argument("--model", help="sd-turbo (default), sdxl-turbo, instaflow, latent-upscale")
+    generate.add_argument("--height", type=int, default=512)
+    generate.add_argument("--width", type=int, default=512)
+    _add_common(generate)
+    generate.set_defaults(handler=_cmd_generate)
     return parser
 
 
@@ -29,8 +160,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
-        return 2
-    return args.handler(args)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING, format="flashstep: %(message)s")
+    try:
+        return args.handler(args)
+    except (UsageError, ValueError, FileNotFoundError) as error:
+        print(f"flashstep {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"flashstep {args.command}: interrupted; finished outputs are complete, no partial file was left", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ blends the outputs (B, C', h·s, w·s) with a window that falls off towards the 
   inner edge, 1 at the image border (no fall-off where there is no neighbour).
 
 Tiles start every ``tile - overlap`` pixels and the last row/column is aligned to the border. The tile side
-comes from the call (``tile``), else from the memory budget and the stage's bytes per input pixel. On a GPU
+comes from the call (``tile``; 0 means never tile), else from the memory budget and the stage's bytes per
+input pixel. On a GPU
 out-of-memory error the tile side is halved and the stage re-run (said once).
 """
 from __future__ import annotations
@@ -95,7 +96,7 @@ class SpatialTiler:
             try:
                 return self._run_tiles(fn, args, side, record, progress)
             except RuntimeError as error:
-                if not _is_out_of_memory(error) or side // 2 < self.minimum_tile:
+                if not _is_out_of_memory(error) or side <= 0 or side // 2 < self.minimum_tile:
                     raise
                 torch.cuda.empty_cache()
                 side = max(self.minimum_tile, (side // 2) // max(self.multiple, 1) * max(self.multiple, 1))
@@ -104,7 +105,7 @@ class SpatialTiler:
     def _run_tiles(self, fn, args, side: int, record, progress: bool):
         x = args[self.input_name]
         height, width = x.shape[-2:]
-        if height <= side and width <= side:
+        if side <= 0 or (height <= side and width <= side):
             if record is not None:
                 record.tiles = 0
             return fn(**args)
