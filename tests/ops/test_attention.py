@@ -100,3 +100,62 @@ def test_bad_inputs_are_named():
         ops.attention(q, q.half(), q)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         ops.attention(q.long(), q.long(), q.long())
+
+
+# -- the triton backend's own choices ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("element_size", [2, 4], ids=["16-bit", "fp32"])
+@pytest.mark.parametrize("head_dim", [32, 40, 64, 80, 128, 160, 256, 512])
+def test_triton_gpu_blocks_fit_an_h100_block(head_dim, element_size):
+    """Q plus the staged K and V tiles fit the shared-memory budget; acc stays <= 128 registers a thread."""
+    from flashstep.backends.triton.attention import SHARED_MEMORY_BUDGET, gpu_blocks, head_dim_block
+
+    block_d = head_dim_block(head_dim)
+    blocks = gpu_blocks(block_d, element_size)
+    assert blocks.shared_memory_bytes(block_d, element_size) <= SHARED_MEMORY_BUDGET < 227 * 1024
+    for size in (blocks.block_m, blocks.block_n):
+        assert size >= 16 and size & (size - 1) == 0
+    assert blocks.block_m * block_d <= 128 * 32 * blocks.num_warps, "fp32 accumulator per thread"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 70, 45, 512), (1, 2, 80, 37, 160), (1, 1, 130, 70, 64)], ids=str)
+def test_triton_attention_with_the_gpu_block_sizes(shape, dtype, device):
+    """The tiles a GPU launch picks (64×32 at D = 512) give the same results, tails included."""
+    require_backend("attention", "triton", device)
+    from flashstep.backends.triton.attention import attention_fwd, gpu_blocks, head_dim_block
+
+    batch, heads, n, m, d = shape
+    q = random_tensor((batch, heads, n, d), dtype, device)
+    k = random_tensor((batch, heads, m, d), dtype, device)
+    v = random_tensor((batch, heads, m, d), dtype, device)
+    blocks = gpu_blocks(head_dim_block(d), q.element_size())
+    assert n > blocks.block_m and m > blocks.block_n, "the shape must cross block tails"
+    out = attention_fwd(q, k, v, None, blocks)
+    reference = attention_reference(q.float(), k.float(), v.float())
+    if dtype == torch.float32:
+        assert_close(out, reference, atol=2e-5, rtol=2e-5)
+    else:
+        assert_error_within_torch(out, reference, low_precision_attention(q, k, v, d**-0.5))
+
+
+def test_triton_attention_reads_token_major_views_and_broadcast_keys(device):
+    """q as a (B, N, H, D) buffer viewed (B, H, N, D), k/v broadcast over the batch (stride 0): no copies,
+    and the output keeps q's token-major layout."""
+    require_backend("attention", "triton", device)
+    batch, heads, n, m, d = 2, 3, 21, 77, 40
+    q = random_tensor((batch, n, heads, d), torch.float16, device).transpose(1, 2)
+    k = random_tensor((1, heads, m, d), torch.float16, device).expand(batch, -1, -1, -1)
+    v = random_tensor((1, heads, m, d), torch.float16, device).expand(batch, -1, -1, -1)
+    out = ops.attention(q, k, v, backend="triton")
+    assert out.transpose(1, 2).is_contiguous(), "token-major q, token-major output"
+    reference = attention_reference(q.float(), k.float(), v.float())
+    assert_error_within_torch(out, reference, low_precision_attention(q, k, v, d**-0.5))
+
+
+def test_triton_attention_refuses_head_dims_over_512():
+    from flashstep.backends.triton.attention import why_not
+
+    q = torch.empty(1, 1, 4, 640)
+    assert "head dim 640 > 512" in why_not(q, q, q, None)

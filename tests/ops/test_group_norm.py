@@ -128,3 +128,70 @@ def test_bad_inputs_are_named():
         ops.group_norm(x, 2, residual=torch.randn(1, 6, 4, 5))
     with pytest.raises(ValueError, match="weight has 5 entries"):
         ops.group_norm(x, 2, torch.randn(5))
+
+
+# -- the triton backend's split statistics ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout,residual_layout", [("nchw", "channels_last"), ("channels_last", "nchw"), ("nchw", None)])
+def test_triton_split_reduction_matches_reference(layout, residual_layout, device):
+    """Tiny tiles force every split at once: 4-channel blocks straddling groups of 5 channels, 2 tiles a
+    chunk, 2 chunks a channel (the last tile cut short), so 4 channel blocks × 2 chunks per group."""
+    require_backend("group_norm", "triton", device)
+    from flashstep.backends.triton.group_norm import GroupNormBlocks, group_norm_fwd
+
+    batch, channels, height, width, groups = 2, 30, 7, 9, 6
+    blocks = GroupNormBlocks(block_c=4, block_s=16, tiles_per_chunk=2)
+    assert height * width > blocks.block_s * blocks.tiles_per_chunk, "several chunks per channel"
+    assert (channels // groups) % blocks.block_c, "channel blocks straddle groups"
+    x = random_tensor((batch, channels, height, width), torch.float32, device, scale=3.0) + 0.5
+    weight, bias = random_tensor((channels,), device=device), random_tensor((channels,), device=device)
+    residual = None if residual_layout is None else random_tensor(x.shape, device=device)
+    if layout == "channels_last":
+        x = channels_last(x)
+    if residual_layout == "channels_last":
+        residual = channels_last(residual)
+    out = group_norm_fwd(x, groups, weight, bias, 1e-6, "silu", residual, None, blocks)
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    assert_close(out, group_norm_reference(x, groups, weight, bias, 1e-6, "silu", residual, None), atol=2e-5, rtol=2e-5)
+
+
+def test_triton_split_statistics_stay_exact_far_from_zero(device):
+    """mean 1000, std 1: E[x²] - E[x]² in fp32 would miss rstd by ~10%; the two-level Welford/Chan
+    reduction keeps it within a few fp32 ulps of the float64 value."""
+    require_backend("group_norm", "triton", device)
+    from flashstep.backends.triton.group_norm import GroupNormBlocks, channels_spatial, group_norm_statistics
+
+    x = random_tensor((1, 8, 64, 64), torch.float32, device) + 1000.0
+    mean, rstd = group_norm_statistics(channels_spatial(x), 2, 1e-6, GroupNormBlocks(4, 256, 4))
+    grouped = x.double().reshape(1, 2, -1)
+    expected_mean = grouped.mean(dim=-1)
+    expected_rstd = torch.rsqrt(grouped.var(dim=-1, unbiased=False) + 1e-6)
+    assert_close(mean.double(), expected_mean, atol=1e-4, rtol=1e-7, label="mean")
+    assert_close(rstd.double(), expected_rstd, atol=0.0, rtol=1e-5, label="rstd")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_gpu_launch_spreads_the_vae_groups_over_the_gpu(layout, monkeypatch):
+    """On a 132-SM GPU the VAE decoder's (1, 128, 2048², 32 groups) runs its statistics over several hundred
+    programs, not one per group, and tiles along the contiguous axis."""
+    import triton
+
+    from flashstep.backends.triton import group_norm as triton_group_norm
+
+    monkeypatch.setattr(triton_group_norm, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_group_norm, "multiprocessor_count", lambda device: 132)
+    batch, channels, size = 1, 128, 2048
+    x = torch.empty((batch, channels, size, size), dtype=torch.float16, device="meta")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    view = triton_group_norm.channels_spatial(x)
+    blocks = triton_group_norm.default_blocks(view, batch, channels, size * size)
+    assert blocks.block_c * blocks.block_s == triton_group_norm.GPU_TILE
+    if layout == "channels_last":
+        assert blocks.block_c == 64
+    else:
+        assert blocks.block_c == 1 and blocks.block_s == triton_group_norm.GPU_TILE
+    chunks = triton.cdiv(size * size, blocks.block_s * blocks.tiles_per_chunk)
+    statistics_programs = chunks * batch * triton.cdiv(channels, blocks.block_c)
+    assert 2 * 132 <= statistics_programs <= 16 * 132

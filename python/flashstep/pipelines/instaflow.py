@@ -18,13 +18,18 @@ FLOW_TIME = 1000.0
 
 class InstaFlowPipeline(GeneratorPipeline):
     kind = "instaflow"
+    prompt_outputs = ("context", "empty_context")
     denoise_extra_inputs = ("guidance",)
 
-    def _denoise(self, noise: torch.Tensor, context: torch.Tensor, guidance: float) -> torch.Tensor:
+    def _encode_prompt(self, prompts):
+        """(the prompts' embeddings, the empty prompt's embedding for guidance)."""
+        return super()._encode_prompt(prompts), super()._encode_prompt([""])
+
+    def _denoise(self, noise: torch.Tensor, context: torch.Tensor, empty_context: torch.Tensor, guidance: float) -> torch.Tensor:
         scale = float(guidance)
         batch = noise.shape[0]
         if scale > 1.0:
-            unconditional = super()._encode_prompt([""]).to(context).expand(batch, -1, -1)
+            unconditional = empty_context.to(context).expand(batch, -1, -1)
             timestep = torch.full((2 * batch,), FLOW_TIME, device=noise.device)
             velocity = self.unet(torch.cat([noise, noise]), timestep, torch.cat([unconditional, context]))
             v_uncond, v_text = velocity.float().chunk(2)
