@@ -49,6 +49,7 @@ class DiffusionSRPipeline(ImagePipeline):
     ``default_color_fix`` and implement :meth:`_denoise`."""
 
     upsample_mode = "bicubic"
+    upsample_align_corners = False
     default_scale = 4.0
     default_color_fix = "adain"
 
@@ -85,7 +86,8 @@ class DiffusionSRPipeline(ImagePipeline):
     def _upsample(self, lq: torch.Tensor, scale: float):
         height, width = lq.shape[-2:]
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        lq_up = F.interpolate(lq.float(), size=size, mode=self.upsample_mode, align_corners=False).clamp(0, 1)
+        lq_up = F.interpolate(lq.float(), size=size, mode=self.upsample_mode,
+                              align_corners=self.upsample_align_corners).clamp(0, 1)
         x, size = pad_to_multiple(lq_up * 2 - 1, PAD_MULTIPLE)
         return lq_up, x, size
 
