@@ -22,20 +22,35 @@ from ..ops.lora import LoRA
 
 
 class LoRAHost(nn.Module):
-    """Base of the layers that accept a LoRA (see the module docstring)."""
+    """Base of the layers that accept a LoRA (see the module docstring).
 
-    lora: Optional[LoRA]
+    An attached LoRA lives in non-persistent buffers (``lora_down``, ``lora_up``), so ``.to(device, dtype)``
+    moves it with the weight while state dicts keep the public keys only.
+    """
+
     lora_mix: Optional[torch.Tensor]
 
     def _init_lora(self) -> None:
-        self.lora = None
+        self.register_buffer("lora_down", None, persistent=False)
+        self.register_buffer("lora_up", None, persistent=False)
+        self.lora_scale = 1.0
         self.lora_mix = None
+
+    @property
+    def lora(self) -> Optional[LoRA]:
+        """The attached (unmerged) LoRA, or None."""
+        if self.lora_down is None:
+            return None
+        return LoRA(self.lora_down, self.lora_up, self.lora_scale)
 
     def attach_lora(self, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
         """Keep a LoRA beside the weight, unmerged (per-sample use: set ``lora_mix`` before each call)."""
         lora = LoRA(down.to(self.weight), up.to(self.weight), float(scale))
         lora.check_against(self.weight)
-        self.lora = lora
+        self.lora_down, self.lora_up, self.lora_scale = lora.down, lora.up, lora.scale
+
+    def detach_lora(self) -> None:
+        self.lora_down = self.lora_up = self.lora_mix = None
 
     def merge_lora(self, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
         """W <- W + scale · B · A, in place; the layer then runs at the plain layer's cost."""
@@ -44,9 +59,10 @@ class LoRAHost(nn.Module):
             self.weight.copy_(ops.merge_lora(self.weight, lora))
 
     def active_lora(self) -> Optional[LoRA]:
-        if self.lora is None:
-            return None
-        return self.lora if self.lora_mix is None else self.lora.with_mix(self.lora_mix.to(self.weight.dtype))
+        lora = self.lora
+        if lora is None or self.lora_mix is None:
+            return lora
+        return lora.with_mix(self.lora_mix.to(self.weight.dtype))
 
 
 class Conv2d(LoRAHost):
