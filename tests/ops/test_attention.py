@@ -108,7 +108,8 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("element_size", [2, 4], ids=["16-bit", "fp32"])
 @pytest.mark.parametrize("head_dim", [32, 40, 64, 80, 128, 160, 256, 512])
 def test_triton_gpu_blocks_fit_an_h100_block(head_dim, element_size):
-    """Q plus the staged K and V tiles fit the shared-memory budget; acc stays <= 128 registers a thread."""
+    """The operand tiles (Q, and K and V per stage) fit the shared-memory budget below an H100 block's
+    227 KB, tiles are powers of two >= 16 (the smallest dot), and acc stays <= 128 registers a thread."""
     from flashstep.backends.triton.attention import SHARED_MEMORY_BUDGET, gpu_blocks, head_dim_block
 
     block_d = head_dim_block(head_dim)

@@ -195,3 +195,13 @@ def test_triton_gpu_launch_spreads_the_vae_groups_over_the_gpu(layout, monkeypat
     chunks = triton.cdiv(size * size, blocks.block_s * blocks.tiles_per_chunk)
     statistics_programs = chunks * batch * triton.cdiv(channels, blocks.block_c)
     assert 2 * 132 <= statistics_programs <= 16 * 132
+
+
+def test_triton_group_norm_of_a_sequence(device):
+    """(B, C, L) inputs, as a 1-D feature map, with a transposed (channels-fastest) residual."""
+    require_backend("group_norm", "triton", device)
+    x = random_tensor((2, 12, 50), torch.float32, device, scale=2.0) - 1.0
+    weight, bias = random_tensor((12,), device=device), random_tensor((12,), device=device)
+    residual = random_tensor((2, 50, 12), device=device).transpose(1, 2)
+    out = ops.group_norm(x, 3, weight, bias, 1e-5, "silu", residual, backend="triton")
+    assert_close(out, group_norm_reference(x, 3, weight, bias, 1e-5, "silu", residual, None), atol=2e-5, rtol=2e-5)
