@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Set, Union
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # NOTE: 16384² output needs about 4096² input at ×4; anything beyond 2^28 input pixels (16384 × 16384)
@@ -99,8 +100,10 @@ def _prepare_for_format(image: Image.Image, fmt: str) -> Image.Image:
     if fmt == "JPEG":
         if image.mode in ("RGBA", "LA", "P"):
             return image.convert("RGB")
-        if image.mode in ("I;16", "I", "F"):
-            return image.convert("L") if image.mode != "I;16" else Image.eval(image, lambda v: v // 257).convert("L")
+        if image.mode == "I;16":
+            return Image.fromarray((np.asarray(image, dtype=np.uint32) // 257).astype(np.uint8))
+        if image.mode in ("I", "F"):
+            return image.convert("L")
     if fmt == "WEBP" and image.mode not in ("RGB", "RGBA"):
         return image.convert("RGBA" if "A" in image.mode else "RGB")
     return image
