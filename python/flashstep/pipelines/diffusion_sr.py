@@ -9,7 +9,8 @@
 
 Stages: upsample -> prompt -> encode -> denoise (latent tiles) -> decode (NaN-checked) -> color_fix. The
 denoise stage runs in Gaussian-blended latent tiles when the latent is larger than the tile the memory
-budget (or ``tile``) allows; the VAE stages run whole.
+budget (or ``tile``) allows; the VAE stages run whole when they fit the budget and otherwise streamed tile
+by tile with whole-image GroupNorm statistics (exact: no seam, no brightness step). ``tile=0`` never tiles.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .base import ImagePipeline, RunOptions
 from .colorfix import METHODS as COLOR_FIX_METHODS
 from .colorfix import color_fix as apply_color_fix
 from .precision import SafeCopy
+from .vae_runner import SafeVAERunner, VAERunner
 
 LATENT_FACTOR = 8
 PAD_MULTIPLE = 64
@@ -62,6 +64,8 @@ class DiffusionSRPipeline(ImagePipeline):
         self.sample_posterior = sample_posterior
         self.scaling_factor = float(vae.scaling_factor)
         self._safe_vae = SafeCopy(self.vae)
+        self.vae_runner = VAERunner(self.vae, self.runner.memory, self.runner.progress)
+        self._safe_vae_runner = SafeVAERunner(self._safe_vae, self.runner.memory, self.runner.progress)
         self._prompt_cache: Dict[str, torch.Tensor] = {}
         self.latent_tiler = SpatialTiler("latent", scale=1, tile=None, overlap=LATENT_OVERLAP, window="gaussian",
                                          bytes_per_pixel=UNET_BYTES_PER_LATENT_PIXEL, multiple=LATENT_FACTOR,
@@ -105,7 +109,7 @@ class DiffusionSRPipeline(ImagePipeline):
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
     def _encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        mean, logvar = self.vae.encode(x)
+        mean, logvar = self.vae_runner.encode(x)
         if self.sample_posterior:
             generator = torch.Generator(device="cpu").manual_seed(int(seed))
             noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean)
@@ -115,16 +119,16 @@ class DiffusionSRPipeline(ImagePipeline):
     def _denoise(self, latent: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _decode_with(self, vae, x0: torch.Tensor, size) -> torch.Tensor:
-        decoded = vae.decode(x0.to(next(vae.parameters()).dtype) / self.scaling_factor)
+    def _decode_with(self, vae_runner: VAERunner, x0: torch.Tensor, size) -> torch.Tensor:
+        decoded = vae_runner.decode(x0.to(next(vae_runner.vae.parameters()).dtype) / self.scaling_factor)
         image = decoded.float().clamp(-1, 1) * 0.5 + 0.5
         return image[..., : size[0], : size[1]]
 
     def _decode(self, x0: torch.Tensor, size) -> torch.Tensor:
-        return self._decode_with(self.vae, x0, size)
+        return self._decode_with(self.vae_runner, x0, size)
 
     def _decode_safe(self, x0: torch.Tensor, size) -> torch.Tensor:
-        return self._decode_with(self._safe_vae.get(), x0.float(), size)
+        return self._decode_with(self._safe_vae_runner.get(self.vae_runner.allow_tiling), x0.float(), size)
 
     def _color_fix(self, restored: torch.Tensor, lq_up: torch.Tensor, color_fix: str) -> torch.Tensor:
         return apply_color_fix(restored.float(), lq_up.float(), color_fix)
@@ -135,6 +139,7 @@ class DiffusionSRPipeline(ImagePipeline):
         method = options.color_fix or self.default_color_fix
         if method not in COLOR_FIX_METHODS:
             raise ValueError(f"color_fix={method!r}; valid: {', '.join(COLOR_FIX_METHODS)}")
+        self.vae_runner.allow_tiling = options.tile != 0
         if options.tile is None:
             self.latent_tiler.tile = None
         else:

@@ -17,6 +17,7 @@ from ..runner import Stage
 from .base import Pipeline
 from .images import ImageInfo, from_tensor
 from .precision import SafeCopy
+from .vae_runner import SafeVAERunner, VAERunner
 
 LATENT_FACTOR = 8
 
@@ -37,6 +38,8 @@ class GeneratorPipeline(Pipeline):
         self.tokenizer = tokenizer
         self.scaling_factor = float(vae.scaling_factor)
         self._safe_vae = SafeCopy(self.vae)
+        self.vae_runner = VAERunner(self.vae, self.runner.memory, self.runner.progress)
+        self._safe_vae_runner = SafeVAERunner(self._safe_vae, self.runner.memory, self.runner.progress)
         self._prompt_cache: Dict[str, Any] = {}
         self.graph.inputs = ("prompts", "noise")
         self.graph.append(Stage("prompt", self._encode_prompt, ("prompts",), self.prompt_outputs))
@@ -59,15 +62,15 @@ class GeneratorPipeline(Pipeline):
     def _denoise(self, noise: torch.Tensor, context: torch.Tensor, **conditions) -> torch.Tensor:
         raise NotImplementedError
 
-    def _decode_with(self, vae, x0: torch.Tensor) -> torch.Tensor:
-        decoded = vae.decode(x0.to(next(vae.parameters()).dtype) / self.scaling_factor)
+    def _decode_with(self, vae_runner: VAERunner, x0: torch.Tensor) -> torch.Tensor:
+        decoded = vae_runner.decode(x0.to(next(vae_runner.vae.parameters()).dtype) / self.scaling_factor)
         return decoded.float().clamp(-1, 1) * 0.5 + 0.5
 
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return self._decode_with(self.vae, x0)
+        return self._decode_with(self.vae_runner, x0)
 
     def _decode_safe(self, x0: torch.Tensor) -> torch.Tensor:
-        return self._decode_with(self._safe_vae.get(), x0.float())
+        return self._decode_with(self._safe_vae_runner.get(True), x0.float())
 
     def noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
         if height % LATENT_FACTOR or width % LATENT_FACTOR or height < 64 or width < 64:
