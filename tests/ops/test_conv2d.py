@@ -129,3 +129,66 @@ def test_bad_inputs_are_named():
         ops.LoRA(torch.randn(2, 4, 3, 3), torch.randn(6, 3))
     with pytest.raises(ValueError, match="cannot be merged"):
         ops.merge_lora(weight, ops.LoRA(torch.randn(2, 4, 3, 3), torch.randn(6, 2), 1.0, torch.randn(2, 2, 2)))
+
+
+@pytest.mark.parametrize("backend", backends_to_test("conv2d"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_conv2d_shared_mix_dilation_and_wide_rank(backend, layout, dtype, device):
+    """A shared (r, r) mix, dilation 2, stride 2 and a rank above 32."""
+    require_backend("conv2d", backend, device)
+    batch, cin, cout, rank = 2, 6, 10, 40
+    x = random_tensor((batch, cin, 11, 9), dtype, device)
+    if layout == "channels_last":
+        x = channels_last(x)
+    weight = random_tensor((cout, cin, 3, 3), dtype, device, scale=(cin * 9) ** -0.5)
+    bias = random_tensor((cout,), dtype, device)
+    lora = ops.LoRA(random_tensor((rank, cin, 3, 3), dtype, device, scale=(cin * 9) ** -0.5),
+                    random_tensor((cout, rank), dtype, device, scale=rank**-0.5), 0.5,
+                    random_tensor((rank, rank), dtype, device, scale=rank**-0.5))
+    out = ops.conv2d(x, weight, bias, 2, 2, 2, lora=lora, backend=backend)
+    reference = conv2d_reference(x.float(), weight.float(), bias.float(), (2, 2), (2, 2), (2, 2), 1, _float_lora(lora))
+    assert out.dtype == dtype and out.shape == reference.shape
+    if dtype == torch.float32:
+        assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    else:
+        mixed = torch.matmul(lora.up, lora.mix.t()) * lora.scale
+        merged = weight + torch.matmul(mixed, lora.down.reshape(rank, -1)).reshape(weight.shape)
+        assert_error_within_torch(out, reference, F.conv2d(x, merged, bias, 2, 2, 2))
+
+
+@pytest.mark.parametrize("backend", backends_to_test("conv2d"))
+def test_conv2d_lora_follows_in_place_updates(backend, device):
+    """Writing the weight, A or the bias in place, or swapping A, changes the next result."""
+    require_backend("conv2d", backend, device)
+    x, weight, bias, stride, padding, lora = make_case(SHAPES[0], torch.float32, device, "per_sample")
+
+    def run_and_check(lora):
+        out = ops.conv2d(x, weight, bias, stride, padding, lora=lora, backend=backend)
+        reference = conv2d_reference(x, weight, bias, (stride, stride), (padding, padding), (1, 1), 1, lora)
+        assert_close(out, reference, atol=1e-4, rtol=1e-4)
+
+    run_and_check(lora)
+    with torch.no_grad():
+        weight.mul_(-2.0)
+    run_and_check(lora)
+    with torch.no_grad():
+        lora.down.mul_(3.0)
+    run_and_check(lora)
+    with torch.no_grad():
+        bias.add_(1.0)
+    run_and_check(lora)
+    run_and_check(ops.LoRA(lora.down.flip(0).contiguous(), lora.up, lora.scale, lora.mix))
+
+
+@pytest.mark.parametrize("backend", backends_to_test("conv2d"))
+def test_conv2d_lora_with_inference_mode_weights(backend, device):
+    """Weights made under torch.inference_mode (no version counter) still give fresh results."""
+    require_backend("conv2d", backend, device)
+    with torch.inference_mode():
+        x, weight, bias, stride, padding, lora = make_case(SHAPES[1], torch.float32, device, "per_sample")
+        for _ in range(2):
+            out = ops.conv2d(x, weight, bias, stride, padding, lora=lora, backend=backend)
+            reference = conv2d_reference(x, weight, bias, (stride, stride), (padding, padding), (1, 1), 1, lora)
+            assert_close(out, reference, atol=1e-4, rtol=1e-4)
+            weight.mul_(-1.0)

@@ -109,3 +109,52 @@ def test_bad_inputs_are_named():
         ops.linear(torch.randn(2, 5), torch.randn(3, 4))
     with pytest.raises(ValueError, match="even number"):
         ops.geglu(torch.randn(2, 4), torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("op_name", ["linear", "geglu"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_shared_mix_4d_input_wide_rank_no_bias(op_name, backend, dtype, device):
+    """x (Batch, h, w, in), a shared (r, r) mix, rank 40 (above one 32-wide block), no bias."""
+    require_backend(op_name, backend, device)
+    fan_in, fan_out, rank = 20, 18 if op_name == "geglu" else 9, 40
+    x = random_tensor((2, 3, 5, fan_in), dtype, device)
+    weight = random_tensor((fan_out, fan_in), dtype, device, scale=fan_in**-0.5)
+    lora = ops.LoRA(random_tensor((rank, fan_in), dtype, device, scale=fan_in**-0.5),
+                    random_tensor((fan_out, rank), dtype, device, scale=rank**-0.5), 0.5,
+                    random_tensor((rank, rank), dtype, device, scale=rank**-0.5))
+    public, reference_fn, baseline_fn = {
+        "linear": (ops.linear, linear_reference, low_precision_linear),
+        "geglu": (ops.geglu, geglu_reference, low_precision_geglu),
+    }[op_name]
+    out = public(x, weight, None, lora, backend=backend)
+    reference = reference_fn(x.float(), weight.float(), None, lora)
+    assert out.dtype == dtype and out.shape == reference.shape
+    if dtype == torch.float32:
+        assert_close(out, reference.float(), atol=1e-4, rtol=1e-4)
+    else:
+        assert_error_within_torch(out, reference.float(), baseline_fn(x, weight, None, lora))
+
+
+@pytest.mark.parametrize("op_name", ["linear", "geglu"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lora_kind", LORA_KINDS)
+def test_per_sample_rows_one_token_each(op_name, backend, lora_kind, device):
+    """x (Batch, in): every sample is a single row (per-sample tiles hold one row each)."""
+    require_backend(op_name, backend, device)
+    x, weight, bias, lora = make_case((5, 1, 12, 10, 3), torch.float32, device, lora_kind,
+                                      out_multiplier=2 if op_name == "geglu" else 1)
+    x = x[:, 0]
+    public, reference_fn = {"linear": (ops.linear, linear_reference), "geglu": (ops.geglu, geglu_reference)}[op_name]
+    assert_close(public(x, weight, bias, lora, backend=backend), reference_fn(x, weight, bias, lora).float(),
+                 atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_vector_input(backend, device):
+    require_backend("linear", backend, device)
+    x, weight, bias, lora = make_case((1, 1, 24, 40, 4), torch.float32, device, "static")
+    x = x[0, 0]
+    out = ops.linear(x, weight, bias, lora, backend=backend)
+    assert out.shape == (40,)
+    assert_close(out, linear_reference(x, weight, bias, lora), atol=1e-4, rtol=1e-4)

@@ -93,3 +93,22 @@ def test_bad_inputs_are_named():
         ops.conv2d_pixel_shuffle(torch.randn(1, 3, 4, 4), torch.randn(12, 3, 2, 2), None, 2)
     with pytest.raises(ValueError, match="activation='tanh'"):
         ops.conv2d_pixel_shuffle(torch.randn(1, 3, 4, 4), torch.randn(12, 3, 3, 3), None, 2, "tanh")
+
+
+@pytest.mark.parametrize("backend", backends_to_test("conv2d_pixel_shuffle"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_conv2d_pixel_shuffle_strided_input_no_bias_wide_kernel(backend, dtype, device):
+    """A 5×3 kernel, no bias, a strided x and a channels_last residual."""
+    require_backend("conv2d_pixel_shuffle", backend, device)
+    batch, cin, height, width, cout, factor = 2, 5, 6, 7, 2, 2
+    x = non_contiguous(random_tensor((batch, cin, height, width), dtype, device))
+    weight = random_tensor((cout * factor * factor, cin, 5, 3), dtype, device, scale=(cin * 15) ** -0.5)
+    residual = channels_last(random_tensor((batch, cout, height * factor, width * factor), dtype, device))
+    out = ops.conv2d_pixel_shuffle(x, weight, None, factor, "silu", residual, backend=backend)
+    reference = conv2d_pixel_shuffle_reference(x.float(), weight.float(), None, factor, "silu", 0.01, residual.float())
+    assert out.dtype == dtype and out.shape == reference.shape
+    if dtype == torch.float32:
+        assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    else:
+        baseline = ops.conv2d_pixel_shuffle(x, weight, None, factor, "silu", residual, backend="aten")
+        assert_error_within_torch(out, reference, baseline)
