@@ -9,10 +9,9 @@ with ``load_state_dict``. :class:`Conv2d` and :class:`Linear` carry an optional 
 """
 from __future__ import annotations
 
-import contextvars
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -118,21 +117,8 @@ class Linear(LoRAHost):
         return f"{self.in_features}, {self.out_features}" + (", lora" if self.lora is not None else "")
 
 
-GroupNormStats = Tuple[torch.Tensor, torch.Tensor]
-
-# Set by a tiled runner: called as hook(module, x) before every GroupNorm; returns (mean, rstd) of shape
-# (B, G) to normalise x with (the whole image's statistics instead of the tile's), or None.
-group_norm_stats_hook: contextvars.ContextVar[Optional[Callable[["GroupNorm", torch.Tensor], Optional[GroupNormStats]]]] = (
-    contextvars.ContextVar("group_norm_stats_hook", default=None)
-)
-
-
 class GroupNorm(nn.Module):
-    """``nn.GroupNorm`` through :func:`flashstep.ops.group_norm`, with SiLU and a residual fused on request.
-
-    When a tiled runner has set :data:`group_norm_stats_hook`, the statistics it returns replace those of
-    the input tile, so that every tile is normalised like the whole image.
-    """
+    """``nn.GroupNorm`` through :func:`flashstep.ops.group_norm`, with SiLU and a residual fused on request."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
@@ -141,9 +127,7 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
 
     def forward(self, x: torch.Tensor, activation: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hook = group_norm_stats_hook.get()
-        stats = hook(self, x) if hook is not None else None
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation, residual, stats=stats)
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation, residual)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
