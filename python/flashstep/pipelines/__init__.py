@@ -62,10 +62,26 @@ def _path_option(kind: str, path: Path) -> Dict[str, Any]:
 
 
 def detect_kind(path: Path) -> str:
-    """Which pipeline a single checkpoint path is for."""
-    from ..loaders import detect_pipeline_kind
+    """Which pipeline a single checkpoint path is for: an SR net gives pixel-sr; a generator's weights give
+    sdxl-turbo (SDXL UNet), instaflow (SD 1.x UNet, 768-wide context) or sd-turbo (SD 2.x UNet)."""
+    from ..loaders import inspect_path
 
-    return detect_pipeline_kind(path)
+    contents = inspect_path(str(path))
+    if contents.layout == "sr_net":
+        return "pixel-sr"
+    if contents.layout in ("osediff", "s3diff"):
+        raise ValueError(f"{path} is a {contents.layout} adapter; load it with "
+                         f"flashstep.load({contents.layout!r}, base=<SD folder>, lora={str(path)!r})")
+    unet = contents.components.get("unet")
+    if unet is None:
+        raise ValueError(f"{path} holds {sorted(contents.components) or contents.layout}, which is not a pipeline "
+                         f"by itself; name a kind: {', '.join(KINDS)}")
+    config = unet.config
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl-turbo"
+    if config.get("cross_attention_dim") == 768:
+        return "instaflow"
+    return "sd-turbo"
 
 
 __all__ = ["load", "KINDS", "Pipeline", "ImagePipeline", "detect_kind"]
