@@ -30,7 +30,7 @@ class OSEDiffPipeline(DiffusionSRPipeline):
 
 def build_osediff(base, lora, **options) -> OSEDiffPipeline:
     """OSEDiff from an SD 2.1-base folder/file and the osediff.pkl adapter."""
-    from ..loaders import load_components, load_lora
+    from ..loaders import LoaderError, OSEDiffAdapter, load_components, load_lora
 
     pipeline_options = {k: options.pop(k) for k in list(options) if k in ("device", "dtype", "max_memory", "progress", "cuda_graphs")}
     sample_posterior = bool(options.pop("sample_posterior", False))
@@ -38,6 +38,8 @@ def build_osediff(base, lora, **options) -> OSEDiffPipeline:
         raise ValueError(f"unknown option(s) for osediff: {sorted(options)}")
     components = load_components(base)
     adapter = load_lora(lora)
+    if not isinstance(adapter, OSEDiffAdapter):
+        raise LoaderError(f"{lora}: is not an osediff.pkl adapter (found {type(adapter).__name__})")
     adapter.apply(unet=components["unet"], vae=components["vae"])
     return OSEDiffPipeline(components["unet"], components["vae"], components.get("text_encoder"),
                            components.get("tokenizer"), sample_posterior=sample_posterior, **pipeline_options)

@@ -108,16 +108,26 @@ class S3DiffPipeline(DiffusionSRPipeline):
 
 def build_s3diff(base, lora, de_net, **options) -> S3DiffPipeline:
     """S3Diff from an SD-Turbo folder/file, s3diff.pkl and de_net.pth."""
-    from ..loaders import load_components, load_lora, read_state_dict
+    from ..loaders import LoaderError, S3DiffAdapter, load_components, load_lora, read_state_dict
     from ..models.de_net import DEResNet
+    from ..models.s3diff_modulation import S3DiffModulation
 
     pipeline_options = {k: options.pop(k) for k in list(options) if k in ("device", "dtype", "max_memory", "progress", "cuda_graphs")}
     if options:
         raise ValueError(f"unknown option(s) for s3diff: {sorted(options)}")
     components = load_components(base)
     adapter = load_lora(lora)
+    if not isinstance(adapter, S3DiffAdapter):
+        raise LoaderError(f"{lora}: is not an s3diff.pkl adapter (found {type(adapter).__name__})")
     adapter.apply(unet=components["unet"], vae=components["vae"])
+    modulation = S3DiffModulation(unet_rank=adapter.rank_unet, vae_rank=adapter.rank_vae)
+    modulation.load_state_dict(adapter.modulation_state_dict(), strict=True)
     estimator = DEResNet()
-    estimator.load_state_dict(read_state_dict(de_net), strict=True)
+    state_dict = read_state_dict(str(de_net))
+    missing = sorted(set(estimator.state_dict()) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(estimator.state_dict()))
+    if missing or unexpected:
+        raise LoaderError(f"{de_net}: is not S3Diff's de_net.pth: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    estimator.load_state_dict(state_dict, strict=True)
     return S3DiffPipeline(components["unet"], components["vae"], components.get("text_encoder"),
-                          components.get("tokenizer"), estimator, adapter.modulation(), **pipeline_options)
+                          components.get("tokenizer"), estimator, modulation, **pipeline_options)
