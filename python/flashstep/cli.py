@@ -65,15 +65,44 @@ def _output_paths(inputs: List[Path], output: Path, fmt: Optional[str]) -> List[
     return paths
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """A UsageError, before any work, for an option value that cannot work; the message lists the valid ones."""
+    from .imageio import WRITE_FORMATS
+    from .pipelines.base import check_scale, check_tile, parse_device
+    from .runner.memory import parse_memory
+
+    checks = (("--device", "device", parse_device), ("--max-memory", "max_memory", parse_memory),
+              ("--scale", "scale", check_scale), ("--tile", "tile", check_tile))
+    for option, name, check in checks:
+        value = getattr(args, name, None)
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as error:
+                raise UsageError(f"{option}: {error}") from None
+    if not 1 <= args.quality <= 100:
+        raise UsageError(f"--quality {args.quality}: valid values are whole numbers from 1 to 100")
+    fmt = getattr(args, "format", None)
+    if fmt is not None and f".{fmt.lower().lstrip('.')}" not in WRITE_FORMATS:
+        raise UsageError(f"--format {fmt!r}: valid values are {', '.join(s.lstrip('.') for s in WRITE_FORMATS)}")
+
+
 def _cmd_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .imageio import ImageReadError, ImageWriteError, list_images, read_image, write_image
+    from . import cli_scale
+    from .imageio import ImageReadError, ImageWriteError, list_images, read_image, remove_stale_partials, write_image
 
+    _check_options(args)
+    if cli_scale.handles(args):
+        return cli_scale.run(args)
     inputs = list_images(args.inputs)
     if not inputs:
         raise UsageError(f"no images found in {', '.join(args.inputs)}")
     outputs = _output_paths(inputs, Path(args.output), args.format)
+    for folder in sorted({target.parent for target in outputs}):
+        for stale in remove_stale_partials(folder):
+            print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
     protected = set(inputs)
     todo = [(i, o) for i, o in zip(inputs, outputs) if args.overwrite or not o.exists()]
     skipped = len(inputs) - len(todo)
@@ -85,8 +114,10 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
             result = pipe(image, prompt=args.prompt, seed=args.seed, scale=args.scale, tile=args.tile,
                           color_fix=args.color_fix)
             write_image(result, target, quality=args.quality, overwrite=args.overwrite, protected=protected)
-        except (ImageReadError, ImageWriteError) as error:
+        except ImageReadError as error:
             failures.append((source, str(error)))
+        except ImageWriteError as error:
+            failures.append((source, f"{source}: {error}"))
         except (ValueError, RuntimeError, MemoryError) as error:
             failures.append((source, f"{source}: {type(error).__name__}: {error}"))
     done = len(todo) - len(failures)
@@ -101,6 +132,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .imageio import write_image
 
+    _check_options(args)
     pipe = _load_pipeline(args, kind_hint="sd-turbo")
     images = pipe(prompt=args.prompt, seed=args.seed, height=args.height, width=args.width, output_type="pil")
     output = Path(args.output)
@@ -108,6 +140,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for image, target in zip(images, targets):
         write_image(image, target, quality=args.quality, overwrite=args.overwrite)
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -132,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info_parser.set_defaults(handler=_cmd_info)
 
-    upscale = commands.add_parser("upscale", help="upscale images (files or folders)")
-    upscale.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of images")
+    upscale = commands.add_parser("upscale", help="upscale images (files or folders) or videos")
+    upscale.add_argument("inputs", nargs="+", metavar="IN", help="image files, folders of images, or video files")
     upscale.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
     upscale.add_argument("--model", help="default (bundled), a kind (osediff, s3diff, pixel-sr, ...) or an SR checkpoint")
     upscale.add_argument("--scale", type=float, help="output scale (default: the model's own, 4 for default)")
@@ -141,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--color-fix", dest="color_fix", choices=["adain", "wavelet", "none"], help="colour correction (default: the model's reference)")
     upscale.add_argument("--prompt", help="text prompt for diffusion SR (default: empty)")
     upscale.add_argument("--format", help="output extension when writing to a folder (default: the input's, else png)")
+    upscale.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                         help="run on a Ray cluster: ADDRESS (auto, host:6379, ray://host:10001), or a new local "
+                              "one when none is given; put it after the inputs")
     _add_common(upscale)
     upscale.set_defaults(handler=_cmd_upscale)
 
@@ -152,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int, default=512)
     _add_common(generate)
     generate.set_defaults(handler=_cmd_generate)
+
+    bench_parser = commands.add_parser("bench", help="time a pipeline on random weights here, beside its peers")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench_parser)
+    bench_parser.set_defaults(handler=_cmd_bench)
     return parser
 
 

@@ -87,8 +87,8 @@ def read_json(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LoaderError(f"{path}: unreadable JSON ({error})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise LoaderError(f"{path}: unreadable JSON ({type(error).__name__}: {error})") from None
     if not isinstance(value, dict):
         raise LoaderError(f"{path}: expected a JSON object, found a {type(value).__name__}")
     return value
@@ -130,12 +130,12 @@ def read_component_folder(folder: str) -> FolderComponent:
     config = read_json(config_path)
     if "_class_name" in config:
         class_name, library = config["_class_name"], "diffusers"
-    elif config.get("architectures"):
+    elif isinstance(config.get("architectures"), list) and config["architectures"]:
         class_name, library = config["architectures"][0], "transformers"
     else:
         raise LoaderError(f"{config_path}: names no class (neither '_class_name' nor 'architectures'); found the "
                           f"keys {describe_keys(config.keys())}")
-    if class_name not in CLASS_TO_ARCH:
+    if not isinstance(class_name, str) or class_name not in CLASS_TO_ARCH:
         raise LoaderError(f"{config_path}: class {class_name!r} is not supported; supported: {sorted(CLASS_TO_ARCH)}")
     return FolderComponent(folder, CLASS_TO_ARCH[class_name], config, _weight_files(folder, library))
 
@@ -147,7 +147,7 @@ def read_pipeline_folder(folder: str) -> PipelineFolder:
     tokenizers: Dict[str, str] = {}
     scheduler_config = None
     for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[1], str):
             continue
         subfolder = os.path.join(folder, name)
         class_name = entry[1]

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -77,6 +78,9 @@ def sniff_format(path: str) -> str:
 
 def _check_safetensors_header(path: str) -> Dict[str, Any]:
     """Parse and check the header against the file; returns it (tensor name -> dtype, shape, offsets)."""
+    fmt = sniff_format(path)
+    if fmt != "safetensors":
+        raise LoaderError(f"{path}: is a {fmt.replace('_', ' ')} file, not safetensors")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -93,6 +97,9 @@ def _check_safetensors_header(path: str) -> Dict[str, Any]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise LoaderError(f"{path}: the safetensors header is not valid JSON ({error}); the file is corrupt") from None
+    except RecursionError:
+        raise LoaderError(f"{path}: the safetensors header nests JSON too deeply to be a header; "
+                          "the file is corrupt") from None
     if not isinstance(header, dict):
         raise LoaderError(f"{path}: the safetensors header is a JSON {type(header).__name__}, expected an object")
     data_len = size - 8 - header_len
@@ -166,7 +173,11 @@ def read_pickle(path: str, fmt: Optional[str] = None) -> Any:
     if fmt == "safetensors":
         raise LoaderError(f"{path}: is a safetensors file, not a pickle")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch_zip")
+        with warnings.catch_warnings():
+            # NOTE: torch warns that protocol-4/5 pickles may use opcodes it does not support; such a file
+            # then fails below with its own message, so the warning would only add noise.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch_zip")
     except pickle.UnpicklingError as error:
         message = str(error)
         found = _GLOBAL_PATTERN.search(message)
@@ -179,8 +190,12 @@ def read_pickle(path: str, fmt: Optional[str] = None) -> Any:
         fallback = detail[-1] if detail else ""
         reason = next((line for line in detail if "Unsupported" in line or "error" in line.lower()), fallback)
         raise LoaderError(f"{path}: not a weights-only torch checkpoint: {reason.strip()}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError, struct.error) as error:
-        raise LoaderError(f"{path}: torch.load cannot read the file ({type(error).__name__}: {error}); "
+    except Exception as error:
+        # NOTE: torch.load parses untrusted bytes, and a damaged file can make it fail with almost any type
+        # (RuntimeError, EOFError, KeyError, AssertionError, OverflowError ... seen in fuzzing): every one of
+        # them means the same to the caller, a file that cannot be read.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise LoaderError(f"{path}: torch.load cannot read the file ({type(error).__name__}: {first_line}); "
                           f"the file is truncated, corrupt or not a torch checkpoint") from None
 
 

@@ -54,9 +54,11 @@ def default_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, what: str) -> None:
     """LoaderError naming the missing and unexpected keys and the shape mismatches (the first few of each)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    not_floating = sorted(k for k in floating if k in state_dict and not state_dict[k].is_floating_point())
     problems = []
     if missing:
         problems.append(f"missing keys the model needs: {describe_keys(missing)}")
@@ -66,6 +68,9 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         shown = "; ".join(f"{k}: file {tuple(state_dict[k].shape)}, model {expected[k]}"
                           for k in sorted(mismatched)[:5])
         problems.append(f"shape mismatches ({len(mismatched)}): {shown}")
+    if not_floating:
+        shown = "; ".join(f"{k}: {state_dict[k].dtype}" for k in not_floating[:5])
+        problems.append(f"tensors the model needs in floating point are not ({len(not_floating)}): {shown}")
     if problems:
         raise LoaderError(f"{source}: the weights do not fit the {what}: " + "; ".join(problems))
 
@@ -78,7 +83,7 @@ def load_weights(factory: Callable[[], nn.Module], state_dict: Mapping[str, torc
     try:
         with torch.device("meta"):
             model = factory()
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, KeyError, IndexError) as error:
         raise LoaderError(f"{source}: cannot build the {what}: {error}") from None
     check_state_dict(model, state_dict, source, what)
     placed = {}

@@ -200,6 +200,8 @@ def parse_lora_state_dict(state_dict: Mapping[str, torch.Tensor], source: str,
         entry = entries.setdefault((component, path), _ModuleEntry())
         entry.keys.append(key)
         if role == "alpha":
+            if tensor.numel() != 1:
+                raise LoaderError(f"{source}: {key!r} holds {tensor.numel()} values; a LoRA alpha is one number")
             entry.alpha = float(tensor.float().reshape(-1)[0])
         elif getattr(entry, role) is not None:
             raise LoaderError(f"{source}: module {component}.{path} has two LoRA {role} weights "

@@ -64,11 +64,14 @@ def _indices(keys, pattern: str) -> list:
     return sorted(found)
 
 
-def _shape(state_dict: StateDict, key: str, source: str) -> tuple:
+def _shape(state_dict: StateDict, key: str, source: str, ndim: int) -> tuple:
     if key not in state_dict:
         raise LoaderError(f"{source}: expected the key {key!r} to work out the architecture; the file has "
                           f"{describe_keys(state_dict.keys())}")
-    return tuple(state_dict[key].shape)
+    shape = tuple(state_dict[key].shape)
+    if len(shape) != ndim:
+        raise LoaderError(f"{source}: {key!r} has the shape {shape}; expected {ndim} dimensions")
+    return shape
 
 
 def infer_unet_config(state_dict: StateDict, source: str, family: Optional[str] = None) -> Dict[str, Any]:
@@ -77,7 +80,7 @@ def infer_unet_config(state_dict: StateDict, source: str, family: Optional[str] 
     levels = _indices(keys, r"down_blocks\.(\d+)\.")
     if not levels:
         raise LoaderError(f"{source}: no down_blocks in the UNet keys {describe_keys(keys)}")
-    channels = [_shape(state_dict, f"down_blocks.{i}.resnets.0.conv1.weight", source)[0] for i in levels]
+    channels = [_shape(state_dict, f"down_blocks.{i}.resnets.0.conv1.weight", source, 4)[0] for i in levels]
     layers_per_block = len(_indices(keys, r"down_blocks\.0\.resnets\.(\d+)\."))
     down_types, up_types, depths = [], [], []
     for i in levels:
@@ -100,8 +103,8 @@ def infer_unet_config(state_dict: StateDict, source: str, family: Optional[str] 
     else:
         heads = [max(c // HEAD_DIM, 1) for c in channels]
     config: Dict[str, Any] = {
-        "in_channels": _shape(state_dict, "conv_in.weight", source)[1],
-        "out_channels": _shape(state_dict, "conv_out.weight", source)[0],
+        "in_channels": _shape(state_dict, "conv_in.weight", source, 4)[1],
+        "out_channels": _shape(state_dict, "conv_out.weight", source, 4)[0],
         "block_out_channels": channels,
         "layers_per_block": layers_per_block,
         "down_block_types": down_types,
@@ -122,11 +125,11 @@ def infer_vae_config(state_dict: StateDict, source: str, family: Optional[str] =
     """A diffusers ``AutoencoderKL`` config dict for a diffusers-named VAE state dict."""
     keys = list(state_dict.keys())
     levels = _indices(keys, r"encoder\.down_blocks\.(\d+)\.")
-    channels = [_shape(state_dict, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", source)[0] for i in levels]
+    channels = [_shape(state_dict, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", source, 4)[0] for i in levels]
     return {
-        "in_channels": _shape(state_dict, "encoder.conv_in.weight", source)[1],
-        "out_channels": _shape(state_dict, "decoder.conv_out.weight", source)[0],
-        "latent_channels": _shape(state_dict, "decoder.conv_in.weight", source)[1],
+        "in_channels": _shape(state_dict, "encoder.conv_in.weight", source, 4)[1],
+        "out_channels": _shape(state_dict, "decoder.conv_out.weight", source, 4)[0],
+        "latent_channels": _shape(state_dict, "decoder.conv_in.weight", source, 4)[1],
         "block_out_channels": channels,
         "layers_per_block": len(_indices(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
         "down_block_types": ["DownEncoderBlock2D"] * len(channels),
@@ -139,10 +142,10 @@ def infer_vae_config(state_dict: StateDict, source: str, family: Optional[str] =
 
 def infer_clip_config(state_dict: StateDict, source: str, kind: Optional[str] = None) -> Dict[str, Any]:
     """A transformers ``CLIPTextConfig`` dict; ``kind`` "clip_l" (quick_gelu) or "openclip" (gelu)."""
-    vocab, hidden = _shape(state_dict, "text_model.embeddings.token_embedding.weight", source)
-    positions = _shape(state_dict, "text_model.embeddings.position_embedding.weight", source)[0]
+    vocab, hidden = _shape(state_dict, "text_model.embeddings.token_embedding.weight", source, 2)
+    positions = _shape(state_dict, "text_model.embeddings.position_embedding.weight", source, 2)[0]
     layers = _indices(state_dict.keys(), r"text_model\.encoder\.layers\.(\d+)\.")
-    intermediate = _shape(state_dict, "text_model.encoder.layers.0.mlp.fc1.weight", source)[0]
+    intermediate = _shape(state_dict, "text_model.encoder.layers.0.mlp.fc1.weight", source, 2)[0]
     if kind is None:
         kind = "clip_l" if hidden == SD1_CONTEXT_DIM else "openclip"
     with_projection = "text_projection.weight" in state_dict

@@ -4,10 +4,16 @@ A pipeline holds the math of its paper as a :class:`~flashstep.runner.Graph` of 
 memory or devices; the :class:`~flashstep.runner.Runner` does tiling, precision, CUDA graphs and timing.
 
 Thread safety: a pipeline object may be called from several threads; calls run one after another (a lock
-per pipeline), since the models' weights and per-call LoRA mixing state are shared.
+per pipeline), since the models' weights, per-call LoRA mixing state and tile settings are shared. Option
+checks and image conversion run outside the lock.
+
+Faults: a stage whose fp16/bf16 output is not finite re-runs in float32 (the runner); an output still not
+finite raises :class:`NonFiniteOutputError`; a GPU out-of-memory error re-runs a tiled stage with
+smaller tiles (the tiler says so once).
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -45,13 +51,17 @@ def parse_device(device: Any) -> torch.device:
         raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for but no CUDA device is visible here; use --device cpu")
+            raise ValueError(f"device {device!r} was asked for but no CUDA device is visible here; valid here: cpu")
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
-            raise ValueError(f"device {device!r} does not exist; this machine has cuda:0..cuda:{count - 1}")
+            raise ValueError(f"device {device!r} does not exist; valid here: cpu, cuda, cuda:0..cuda:{count - 1}")
     elif parsed.type != "cpu":
         raise ValueError(f"device type {parsed.type!r} is not supported; valid: cpu, cuda, cuda:N")
     return parsed
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A pipeline's output holds NaN/inf after the safe-precision re-run (broken weights)."""
 
 
 @dataclass
@@ -100,7 +110,7 @@ class ImagePipeline(Pipeline):
     def __call__(self, images: Any, prompt: Optional[Any] = None, prompt_embeds: Optional[torch.Tensor] = None,
                  seed: int = 0, scale: Optional[float] = None, tile: Optional[int] = None,
                  output_type: Optional[str] = None, color_fix: Optional[str] = None) -> Any:
-        options = RunOptions(seed=int(seed), scale=self._check_scale(scale), tile=_check_tile(tile), color_fix=color_fix)
+        options = RunOptions(seed=int(seed), scale=check_scale(scale), tile=check_tile(tile), color_fix=color_fix)
         batch = ImageBatch.from_user(images)
         outputs: List[Optional[torch.Tensor]] = [None] * len(batch.images)
         with self._lock:
@@ -109,17 +119,13 @@ class ImagePipeline(Pipeline):
                 prompts = _select_prompts(prompt, indices, len(batch.images))
                 embeds = None if prompt_embeds is None else _select_embeds(prompt_embeds, indices, len(batch.images))
                 result = self.upscale_tensor(lq, prompts, embeds, options)
+                if not bool(torch.isfinite(result).all()):
+                    raise NonFiniteOutputError(
+                        f"the {self.kind} pipeline's output holds NaN/inf values even in float32 (its safe "
+                        "precision): the model's weights are likely not finite")
                 for position, index in enumerate(indices):
                     outputs[index] = result[position].float().cpu()
         return batch.to_user(outputs, output_type)
-
-    def _check_scale(self, scale: Optional[float]) -> Optional[float]:
-        if scale is None:
-            return None
-        scale = float(scale)
-        if not 0 < scale <= 16:
-            raise ValueError(f"scale={scale} must be in (0, 16]")
-        return scale
 
     def upscale_tensor(self, lq: torch.Tensor, prompts: Optional[List[str]], prompt_embeds: Optional[torch.Tensor],
                        options: RunOptions) -> torch.Tensor:
@@ -127,13 +133,36 @@ class ImagePipeline(Pipeline):
         raise NotImplementedError
 
 
-def _check_tile(tile: Optional[int]) -> Optional[int]:
+MAX_SCALE = 16.0
+MIN_TILE = 64
+
+
+def check_scale(scale: Any) -> Optional[float]:
+    """The output scale as a float in (0, MAX_SCALE], None for the model's own; ValueError naming the valid values."""
+    if scale is None:
+        return None
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value <= MAX_SCALE:
+        raise ValueError(f"scale={scale!r}: valid values are numbers in (0, {MAX_SCALE:g}], e.g. 2, 4 or 1.5")
+    return value
+
+
+def check_tile(tile: Any) -> Optional[int]:
+    """The tile side in output pixels: 0 (never tile) or an integer of at least MIN_TILE; None picks it from
+    the memory budget. ValueError naming the valid values."""
     if tile is None:
         return None
-    tile = int(tile)
-    if tile < 0 or 0 < tile < 64:
-        raise ValueError(f"tile={tile}: give 0 (never tile) or a tile side of at least 64 pixels")
-    return tile
+    try:
+        value = int(tile)
+        whole = isinstance(tile, str) or value == tile
+    except (TypeError, ValueError, OverflowError):
+        value, whole = -1, False
+    if not whole or value < 0 or 0 < value < MIN_TILE:
+        raise ValueError(f"tile={tile!r}: valid values are 0 (never tile) or a whole number of pixels >= {MIN_TILE}")
+    return value
 
 
 def _select_prompts(prompt: Optional[Any], indices: Iterable[int], count: int) -> Optional[List[str]]:

@@ -2,7 +2,8 @@
 
 Inside, an image is a float32 tensor (3, H, W) in [0, 1]. An alpha channel is split off on the way in
 (upscaled separately by the pipeline) and re-attached on the way out; 16-bit inputs come back as 16-bit
-where the kind allows (numpy uint16, PIL "I;16" for greyscale, else 8-bit RGB).
+where the kind allows (numpy uint16, PIL "I;16" for greyscale, else 8-bit RGB). Float pixels are clipped
+to [0, 1], NaN read as 0, +inf as 1 and -inf as 0.
 """
 from __future__ import annotations
 
@@ -63,6 +64,11 @@ class ImageBatch:
         return converted[0] if self.single else converted
 
 
+def _finite_unit(values: np.ndarray) -> np.ndarray:
+    """Float pixels clipped to [0, 1], NaN as 0 and ±inf as 1 / 0 (a float file may hold any value)."""
+    return np.clip(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+
+
 def _from_numpy(array: np.ndarray, where: str):
     info = ImageInfo("numpy", dtype=array.dtype)
     if array.ndim == 2:
@@ -74,7 +80,7 @@ def _from_numpy(array: np.ndarray, where: str):
     elif array.dtype == np.uint16:
         values, info.bits = array.astype(np.float32) / 65535.0, 16
     elif np.issubdtype(array.dtype, np.floating):
-        values = np.clip(array.astype(np.float32), 0.0, 1.0)
+        values = _finite_unit(array.astype(np.float32))
     else:
         raise ValueError(f"{where}: numpy images must be uint8, uint16 or float in [0, 1], got {array.dtype}")
     tensor = torch.from_numpy(np.ascontiguousarray(values)).permute(2, 0, 1)
@@ -101,7 +107,7 @@ def _from_pil(image, where: str):
         tensor = torch.from_numpy((np.clip(array / scale, 0, 1)).astype(np.float32))[None].expand(3, -1, -1)
         return tensor.contiguous(), info
     if mode == "F":
-        array = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+        array = _finite_unit(np.asarray(image, dtype=np.float32))
         return torch.from_numpy(array)[None].expand(3, -1, -1).contiguous(), ImageInfo("pil", dtype=mode, greyscale=True)
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -125,7 +131,7 @@ def to_tensor(item: Any, where: str = "image"):
         if not item.is_floating_point():
             raise ValueError(f"{where}: torch images must be floating point in [0, 1], got {item.dtype}")
         info = ImageInfo("torch", dtype=item.dtype)
-        return _split_channels(item.detach().float().clamp(0, 1).cpu(), info)
+        return _split_channels(item.detach().float().nan_to_num(0.0, 1.0, 0.0).clamp(0, 1).cpu(), info)
     if isinstance(item, np.ndarray):
         return _from_numpy(item, where)
     try:

@@ -96,10 +96,13 @@ class SpatialTiler:
             try:
                 return self._run_tiles(fn, args, side, record, progress)
             except RuntimeError as error:
-                if not _is_out_of_memory(error) or side <= 0 or side // 2 < self.minimum_tile:
+                # NOTE: a side larger than the input ran it whole; halving starts from the input's longer side,
+                # or the first retries would run the same whole input again.
+                current = min(side, max(args[self.input_name].shape[-2:]))
+                if not _is_out_of_memory(error) or side <= 0 or current // 2 < self.minimum_tile:
                     raise
                 torch.cuda.empty_cache()
-                side = max(self.minimum_tile, (side // 2) // max(self.multiple, 1) * max(self.multiple, 1))
+                side = max(self.minimum_tile, (current // 2) // max(self.multiple, 1) * max(self.multiple, 1))
                 on_retry(f"out of memory; retrying {self.input_name} with {side}-pixel tiles")
 
     def _run_tiles(self, fn, args, side: int, record, progress: bool):
