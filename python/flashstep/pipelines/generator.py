@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..runner import Stage
@@ -81,17 +82,34 @@ class GeneratorPipeline(Pipeline):
 
     def __call__(self, prompt: Union[str, Sequence[str]] = "", seed: int = 0, height: int = 512, width: int = 512,
                  prompt_embeds: Optional[Any] = None, output_type: Optional[str] = "pil", **extra) -> Any:
+        """One image per prompt, or per row of ``prompt_embeds`` (see :meth:`_given_embeddings`), which then
+        replace the prompts and skip the text encoder."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
+        given = {} if prompt_embeds is None else self._given_embeddings(prompt_embeds)
+        batch = len(prompts) if not given else given["context"].shape[0]
         with self._lock:
-            values = {"prompts": prompts, "noise": self.noise(len(prompts), int(height), int(width), seed)}
-            values.update(self._extra_inputs(len(prompts), int(height), int(width), **extra))
-            if prompt_embeds is not None:
-                values["context"] = prompt_embeds
+            values = {"prompts": prompts if not given else [""] * batch,
+                      "noise": self.noise(batch, int(height), int(width), seed)}
+            values.update(self._extra_inputs(batch, int(height), int(width), **extra))
+            values.update(given)
             images = self._run(values)
-        info = ImageInfo("torch" if output_type in (None, "torch") else output_type)
+        kind = "torch" if output_type in (None, "torch") else output_type
+        info = ImageInfo(kind, dtype=np.dtype(np.uint8) if kind == "numpy" else None)
         return [from_tensor(image, info, output_type) for image in images]
+
+    def _given_embeddings(self, prompt_embeds: Any) -> Dict[str, Any]:
+        """The prompt stage's outputs from ``prompt_embeds``: the context (B, 77, D) (or (77, D) for one image),
+        or a tuple with one tensor per output of the prompt stage (SDXL-Turbo: (context, pooled))."""
+        given = tuple(prompt_embeds) if isinstance(prompt_embeds, (tuple, list)) else (prompt_embeds,)
+        if len(given) != len(self.prompt_outputs):
+            raise ValueError(f"{self.kind}: prompt_embeds must give {', '.join(self.prompt_outputs)} (a tuple of "
+                             f"{len(self.prompt_outputs)} tensors), got {len(given)}")
+        values = {name: None if t is None else t.to(self.device) for name, t in zip(self.prompt_outputs, given)}
+        if values["context"].dim() == 2:
+            values["context"] = values["context"][None]
+        return values
 
     def _extra_inputs(self, batch: int, height: int, width: int, **extra) -> Dict[str, Any]:
         if extra:

@@ -7,7 +7,7 @@ v = v("") + g·(v(c) - v("")), both branches in one batched UNet call.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -25,9 +25,19 @@ class InstaFlowPipeline(GeneratorPipeline):
         """(the prompts' embeddings, the empty prompt's embedding for guidance)."""
         return super()._encode_prompt(prompts), super()._encode_prompt([""])
 
-    def _denoise(self, noise: torch.Tensor, context: torch.Tensor, empty_context: torch.Tensor, guidance: float) -> torch.Tensor:
+    def _given_embeddings(self, prompt_embeds: Any) -> Dict[str, Any]:
+        """The context alone (no guidance), or (context, the empty prompt's embedding)."""
+        if isinstance(prompt_embeds, torch.Tensor):
+            prompt_embeds = (prompt_embeds, None)
+        return super()._given_embeddings(prompt_embeds)
+
+    def _denoise(self, noise: torch.Tensor, context: torch.Tensor, empty_context: Optional[torch.Tensor],
+                 guidance: float) -> torch.Tensor:
         scale = float(guidance)
         batch = noise.shape[0]
+        if scale > 1.0 and empty_context is None:
+            raise ValueError("guidance_scale > 1 needs the empty prompt's embedding too: pass "
+                             "prompt_embeds=(context, empty_context)")
         if scale > 1.0:
             unconditional = empty_context.to(context).expand(batch, -1, -1)
             timestep = torch.full((2 * batch,), FLOW_TIME, device=noise.device)
