@@ -90,7 +90,9 @@ def test_outputs_are_one_image_per_prompt_in_the_asked_type(sd_pipe):
     assert [type(i) for i in pil] == [Image.Image] * 2 and [i.size for i in pil] == [(96, 64)] * 2
     arrays = sd_pipe(PROMPTS[0], seed=1, height=64, width=96, output_type="numpy")
     assert len(arrays) == 1 and arrays[0].dtype == np.uint8 and arrays[0].shape == (64, 96, 3)
-    assert np.array_equal(arrays[0], np.asarray(pil[0]))
+    # The same image from a batch of one and a batch of two: equal up to one level of rounding (GEMM blocking
+    # differs with the batch size).
+    assert np.abs(arrays[0].astype(int) - np.asarray(pil[0]).astype(int)).max() <= 1
     assert not np.array_equal(np.asarray(pil[0]), np.asarray(pil[1]))
 
 

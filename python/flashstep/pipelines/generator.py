@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from ..runner import Stage
@@ -96,7 +95,7 @@ class GeneratorPipeline(Pipeline):
             values.update(given)
             images = self._run(values)
         kind = "torch" if output_type in (None, "torch") else output_type
-        info = ImageInfo(kind, dtype=np.dtype(np.uint8) if kind == "numpy" else None)
+        info = ImageInfo(kind)
         return [from_tensor(image, info, output_type) for image in images]
 
     def _given_embeddings(self, prompt_embeds: Any) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ to [0, 1], NaN read as 0, +inf as 1 and -inf as 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -167,7 +167,7 @@ def from_tensor(tensor: torch.Tensor, info: ImageInfo, output_type: Optional[str
     if kind == "numpy":
         if info.kind == "numpy" and info.dtype == np.uint16:
             return np.round(array * 65535.0).astype(np.uint16)
-        if info.kind == "numpy" and np.issubdtype(info.dtype, np.floating):
+        if info.kind == "numpy" and info.dtype is not None and np.issubdtype(info.dtype, np.floating):
             return array.astype(info.dtype)
         return np.round(array * 255.0).astype(np.uint8)
     from PIL import Image
