@@ -15,7 +15,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("ops", "registry", "models", "loaders", "runner", "pipelines", "testing")
+_LAZY_MODULES = ("ops", "registry", "models", "loaders", "runner", "pipelines", "testing", "distributed")
 _LAZY_FUNCTIONS = {
     "info": ("flashstep.system_info", "info"),
     "load_model": ("flashstep.loaders", "load_model"),

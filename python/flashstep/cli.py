@@ -33,7 +33,7 @@ def _pipeline_options(args: argparse.Namespace) -> Dict:
     return options
 
 
-def _load_pipeline(args: argparse.Namespace, kind_hint: Optional[str] = None):
+def load_pipeline(args: argparse.Namespace, kind_hint: Optional[str] = None):
     from . import pipelines
 
     model = args.model or kind_hint or "default"
@@ -46,7 +46,7 @@ def _load_pipeline(args: argparse.Namespace, kind_hint: Optional[str] = None):
     return pipelines.load(model, **options)
 
 
-def _output_paths(inputs: List[Path], output: Path, fmt: Optional[str]) -> List[Path]:
+def output_paths(inputs: List[Path], output: Path, fmt: Optional[str]) -> List[Path]:
     from .imageio import WRITE_FORMATS
 
     single_file = len(inputs) == 1 and output.suffix.lower() in WRITE_FORMATS and not output.is_dir()
@@ -99,7 +99,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     inputs = list_images(args.inputs)
     if not inputs:
         raise UsageError(f"no images found in {', '.join(args.inputs)}")
-    outputs = _output_paths(inputs, Path(args.output), args.format)
+    outputs = output_paths(inputs, Path(args.output), args.format)
     for folder in sorted({target.parent for target in outputs}):
         for stale in remove_stale_partials(folder):
             print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
@@ -107,7 +107,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     todo = [(i, o) for i, o in zip(inputs, outputs) if args.overwrite or not o.exists()]
     skipped = len(inputs) - len(todo)
     failures: List[Tuple[Path, str]] = []
-    pipe = _load_pipeline(args) if todo else None
+    pipe = load_pipeline(args) if todo else None
     for source, target in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) < 2):
         try:
             image = read_image(source)
@@ -133,8 +133,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .imageio import write_image
 
     _check_options(args)
-    pipe = _load_pipeline(args, kind_hint="sd-turbo")
-    images = pipe(prompt=args.prompt, seed=args.seed, height=args.height, width=args.width, output_type="pil")
+    pipe = load_pipeline(args, kind_hint="sd-turbo")
+    extra = {} if args.scale is None else {"scale": args.scale}
+    images = pipe(prompt=args.prompt, seed=args.seed, height=args.height, width=args.width, output_type="pil", **extra)
     output = Path(args.output)
     targets = [output] if len(images) == 1 else [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(images))]
     for image, target in zip(images, targets):
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("-o", "--output", required=True, help="output image file")
     generate.add_argument("--model", help="sd-turbo (default), sdxl-turbo, instaflow, latent-upscale")
+    generate.add_argument("--scale", type=float, help="latent-upscale only: the upscaler head (2 or 4; default its smallest)")
     generate.add_argument("--height", type=int, default=512)
     generate.add_argument("--width", type=int, default=512)
     _add_common(generate)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
-from .cli import EXIT_FAILED_ITEMS, UsageError, _load_pipeline, _output_paths
+from .cli import EXIT_FAILED_ITEMS, UsageError, load_pipeline, output_paths
 from .distributed.video import READ_EXTENSIONS as VIDEO_EXTENSIONS
 from .distributed.video import WRITE_EXTENSIONS as VIDEO_WRITE_EXTENSIONS
 from .distributed.video import is_video
@@ -129,7 +129,7 @@ def _upscale_images_on_ray(args: argparse.Namespace) -> int:
     inputs = list_images(args.inputs)
     if not inputs:
         raise UsageError(f"no images found in {', '.join(args.inputs)}")
-    outputs = _output_paths(inputs, Path(args.output), args.format)
+    outputs = output_paths(inputs, Path(args.output), args.format)
     _remove_stale_partials(outputs)
     todo = pending(inputs, outputs, overwrite=args.overwrite)
     skipped = len(inputs) - len(todo)
@@ -183,7 +183,7 @@ def _upscale_videos(args: argparse.Namespace, videos: List[Path]) -> int:
     skipped = len(videos) - len(todo)
     failures: List[Tuple[Path, str]] = []
     frames = 0
-    pipe = _load_pipeline(args) if todo and args.ray is None else None
+    pipe = load_pipeline(args) if todo and args.ray is None else None
 
     def upscale(batch):
         return pipe(batch, prompt=args.prompt, seed=args.seed, scale=args.scale, tile=args.tile,
