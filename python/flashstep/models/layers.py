@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops.lora import LoRA
+from ..ops.lora import LoRA, merge_lora_
 
 
 class LoRAHost(nn.Module):
@@ -55,7 +55,7 @@ class LoRAHost(nn.Module):
         """W <- W + scale · B · A, in place; the layer then runs at the plain layer's cost."""
         lora = LoRA(down.to(self.weight.device), up.to(self.weight.device), float(scale))
         with torch.no_grad():
-            self.weight.copy_(ops.merge_lora(self.weight, lora))
+            merge_lora_(self.weight, lora)
 
     def active_lora(self) -> Optional[LoRA]:
         lora = self.lora

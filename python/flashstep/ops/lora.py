@@ -99,3 +99,24 @@ def merge_lora(weight: torch.Tensor, lora: LoRA) -> torch.Tensor:
     if lora.per_sample:
         raise ValueError("a per-sample LoRA (mix of shape (Batch, r, r)) cannot be merged into one weight; pass it to the op")
     return (weight.float() + lora_delta(weight, lora)).to(weight.dtype)
+
+
+def merge_lora_(weight: torch.Tensor, lora: LoRA) -> torch.Tensor:
+    """W <- W + scale · B · Mᵀ · A in place, in fp32 arithmetic; returns W.
+
+    A float32 W is updated by one GEMM accumulating into it (one pass over W); other dtypes go through
+    :func:`merge_lora`'s fp32 copy.
+
+    NOTE: loading OSEDiff (290 LoRA'd layers, 0.9 B weights, fp32, 2 threads on the development machine) spent
+    14.6 s in :func:`merge_lora` plus the copy back (five passes over every weight, and fp32 temporaries);
+    in place it takes 5.0 s, most of it the first write to each memory-mapped weight page.
+    """
+    if lora.per_sample:
+        raise ValueError("a per-sample LoRA (mix of shape (Batch, r, r)) cannot be merged into one weight; pass it to the op")
+    lora.check_against(weight)
+    if weight.dtype == torch.float32 and weight.is_contiguous():
+        down = lora.down.float().reshape(lora.rank, -1)  # (r, Cin·kh·kw)
+        weight.view(weight.shape[0], -1).addmm_(lora.mixed_up(torch.float32), down)
+    else:
+        weight.copy_(merge_lora(weight, lora))
+    return weight
