@@ -6,14 +6,16 @@
 #
 # Within DEADLINE_SECONDS it: names the GPU, builds flashstep with its CUDA kernels (sm_90), prints
 # `flashstep info`, runs the op tests on the GPU (the @gpu model-shape tests, then the ordinary tests,
-# which run every backend on CUDA tensors), times the op benchmarks, and writes $OUT/summary.txt: the
-# GPU, the commit, every step's outcome, the test counts, a table per op and the performance targets.
+# which run every backend on CUDA tensors), times a small set of pipeline benchmarks (OSEDiff and SD-Turbo
+# at 512², RRDBNet 512 -> 2048, full configs, fp16, no torch.compile; the diffusers/peft/spandrel peers run
+# where those packages are installed), times the op benchmarks, and writes $OUT/summary.txt: the GPU, the
+# commit, every step's outcome, the test counts, a table per op and pipeline, and the performance targets.
 # Each step has its own timeout, and a failed or timed-out step does not stop the ones after it.
 # The benchmark files share the time left after the tests, each skipping its remaining cases when its
 # share is spent (the cases named by targets run first).
 #
 # $OUT receives 7 files: summary.txt, steps.log, environment.log, build.log, tests.log, bench.log,
-# bench_ops.json (all benchmarks, pytest-benchmark JSON).
+# bench_ops.json (all benchmarks, ops and pipelines, pytest-benchmark JSON).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -24,7 +26,7 @@ OUT="$(cd "$OUT" && pwd)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-DEADLINE_SECONDS=345
+DEADLINE_SECONDS=355
 SUMMARY_RESERVE_SECONDS=15
 # A step past its limit gets SIGINT (pytest then stops and still writes its report and benchmark JSON),
 # and SIGKILL this many seconds later.
@@ -37,6 +39,11 @@ BENCH_FILE_GRACE_SECONDS=25
 # first (those with targets) run and the last ones do not.
 BENCH_FILE_MIN_SECONDS=40
 BENCH_SHARES=(attention:25 group_norm:15 conv2d:22 pixel_shuffle:16 linear:11 geglu:11)
+# The pipeline benchmarks: their cases and the seconds they may take (random full-config weights are built on
+# the GPU in seconds; each case times flashstep after a warm-up, and its peers where they are installed).
+PIPELINE_BENCH_FILES=(benchmarks/bench_osediff.py benchmarks/bench_sd_turbo.py benchmarks/bench_rrdbnet.py)
+PIPELINE_BENCH_SELECTION="not compile and (512px or rrdbnet)"
+PIPELINE_BENCH_SECONDS=70
 
 START=$(date +%s)
 DEADLINE=$((START + DEADLINE_SECONDS))
@@ -108,7 +115,13 @@ run_step info 30 "$OUT/environment.log" "$PY" -m flashstep info
 run_step tests-gpu 45 "$OUT/tests.log" "$PY" -m pytest tests/ops -m gpu -v -rfE -p no:cacheprovider
 run_step tests-ops 75 "$OUT/tests.log" "$PY" -m pytest tests/ops -m "not gpu" -v -rfE -p no:cacheprovider
 
-# 5. The op benchmarks, one file at a time, sharing the time that is left.
+# 5. The pipeline benchmarks.
+run_step bench-pipelines "$PIPELINE_BENCH_SECONDS" "$OUT/bench.log" \
+  "$PY" -m pytest "${PIPELINE_BENCH_FILES[@]}" -q -rsfE -p no:cacheprovider -k "$PIPELINE_BENCH_SELECTION" \
+  --benchmark-json "$WORK/bench_pipelines.json" --benchmark-columns min,median,max,rounds \
+  --budget-per-file $(((PIPELINE_BENCH_SECONDS - BENCH_FILE_GRACE_SECONDS) / ${#PIPELINE_BENCH_FILES[@]}))
+
+# 6. The op benchmarks, one file at a time, sharing the time that is left.
 shares_left=0
 for entry in "${BENCH_SHARES[@]}"; do shares_left=$((shares_left + ${entry#*:})); done
 for entry in "${BENCH_SHARES[@]}"; do
@@ -129,7 +142,7 @@ for entry in "${BENCH_SHARES[@]}"; do
     --benchmark-columns min,median,max,rounds --budget-per-file $((file_seconds - BENCH_FILE_GRACE_SECONDS))
 done
 
-# 6. The summary.
+# 7. The summary.
 COMMIT="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 if [[ $COMMIT != unknown && -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
   COMMIT="$COMMIT+dirty"
