@@ -29,7 +29,6 @@ import ctypes
 import gc
 import importlib
 import json
-import math
 import os
 import platform
 import re
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .testing import randomize_
 
 PIPELINES = ("osediff", "s3diff", "sd-turbo", "rrdbnet")
 CONFIGS = ("full", "reduced")
@@ -92,22 +93,6 @@ def rrdb_config(config: str):
 
     return PRESETS["RealESRGAN_x4plus" if config == "full" else "RealESRGAN_x4plus_anime_6B"]
 
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Seeded random parameters that keep activations O(1): matrices and kernels U(±√(3/fan_in)), norm scales
-    N(1, 0.1²), biases N(0, 0.1²). Drawn on the module's device."""
-    device = next(module.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.dim() >= 2:
-                bound = math.sqrt(3.0 / param[0].numel())
-                param.uniform_(-bound, bound, generator=generator)
-            elif name.endswith("weight"):
-                param.normal_(1.0, 0.1, generator=generator)
-            else:
-                param.normal_(0.0, 0.1, generator=generator)
-    return module
 
 
 def random_model(factory: Callable[[], torch.nn.Module], device: torch.device, seed: int) -> torch.nn.Module:

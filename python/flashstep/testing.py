@@ -14,6 +14,7 @@ Mismatches are reported with their count, the worst index, and the values there.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -101,6 +102,24 @@ def assert_error_within_torch(
         )
     return ours, budget
 
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seeded random parameters that keep activations O(1): matrices and kernels U(±√(3/fan_in)) (unit-variance
+    preserving), norm scales N(1, 0.1²), biases N(0, 0.1²). Norm weights are randomized too, so a swapped key
+    cannot pass a parity test. Drawn on the module's device, in place; returns the module."""
+    device = next(module.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.dim() >= 2:
+                bound = math.sqrt(3.0 / param[0].numel())
+                param.uniform_(-bound, bound, generator=generator)
+            elif name.endswith("weight"):
+                param.normal_(1.0, 0.1, generator=generator)
+            else:
+                param.normal_(0.0, 0.1, generator=generator)
+    return module
 
 def random_tensor(shape, dtype=torch.float32, device="cpu", *, scale: float = 1.0, generator=None) -> torch.Tensor:
     """Normal random values (never zeros: they hide unwritten outputs)."""

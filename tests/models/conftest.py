@@ -8,7 +8,6 @@ held in memory once.
 """
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Callable, Dict
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from flashstep.testing import assert_error_within_torch, max_error
+from flashstep.testing import assert_error_within_torch, max_error, randomize_
 
 # fp32 rule of the model tests: max |ours - reference| <= FP32_RANGE_FRACTION · (max - min of the reference).
 FP32_RANGE_FRACTION = 1e-4
@@ -41,21 +40,6 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Seeded random parameters: matrices and kernels U(±√(3/fan_in)) (unit-variance preserving), norm
-    scales N(1, 0.1²), biases N(0, 0.1²). Norm weights are randomized too, so a swapped key cannot pass."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.dim() >= 2:
-                bound = math.sqrt(3.0 / param[0].numel())
-                param.uniform_(-bound, bound, generator=generator)
-            elif name.endswith("weight"):
-                param.normal_(1.0, 0.1, generator=generator)
-            else:
-                param.normal_(0.0, 0.1, generator=generator)
-    return module
 
 
 def _reset_buffers_(module: nn.Module) -> None:

@@ -16,6 +16,7 @@ from flashstep.models.configs import VAEConfig
 from flashstep.models.vae import AutoencoderKL
 from flashstep.runner import MemoryBudget, parse_memory
 from flashstep.runner.vae_tiling import TiledVAE, conv_input_window, decoder_plan, plan_shapes
+from flashstep.testing import randomize_
 from flashstep.testing import assert_error_within_torch
 
 SMALL = VAEConfig(
@@ -42,20 +43,6 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Kernels U(±√(3/fan_in)), norm scales N(1, 0.1²), biases N(0, 0.1²): every map non-trivial."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.dim() >= 2:
-                bound = math.sqrt(3.0 / param[0].numel())
-                param.uniform_(-bound, bound, generator=generator)
-            elif name.endswith("weight"):
-                param.normal_(1.0, 0.1, generator=generator)
-            else:
-                param.normal_(0.0, 0.1, generator=generator)
-    return module
 
 
 @pytest.fixture(scope="module")
