@@ -212,7 +212,9 @@ def test_interpolating_heads_give_the_decode_of_the_interpolated_latent(sd_turbo
         upscaled = F.interpolate(x0, scale_factor=scale, mode="bicubic", align_corners=False)
         expected = generator.graph["decode"].fn(x0=upscaled)[0].clamp(0, 1)
     assert ours.shape == (3, height * scale, width * scale)
-    assert torch.equal(ours, expected)
+    # The heads interpolate by a convolution whose sums run in oneDNN's order, not F.interpolate's: the two agree
+    # to float32 rounding (2.3e-6 measured on this [0, 1] image), far below any interpolation-mode difference.
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
     trained = build_latent_upscale(sd_turbo_folder, adapter_file, device="cpu", dtype="fp32")
     other = trained(PROMPT, seed=3, scale=scale, height=height, width=width, output_type="torch")[0]

@@ -8,6 +8,7 @@ can kill the process in the middle of a write. With NAMED_TEMPORARY=1 the writer
 from __future__ import annotations
 
 import io
+import signal
 import sys
 import time
 
@@ -39,6 +40,9 @@ def slowed_save(original, status: str, slow_after: int):
 
 if __name__ == "__main__":
     status_, slow_after_, named_ = sys.argv[1:4]
+    # A process started from a non-interactive shell's background job inherits SIGINT ignored, and Python then
+    # leaves it so; the tests play a user's Ctrl-C, which reaches a foreground process with the default handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     Image.Image.save = slowed_save(Image.Image.save, status_, int(slow_after_))
     if named_ == "1":
         imageio._open_unnamed = lambda folder: None
