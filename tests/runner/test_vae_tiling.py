@@ -184,12 +184,18 @@ def test_should_tile_follows_the_budget(vae):
         tight.should_tile((1, 5, 64, 64), torch.float32)
 
 
-# Decodes a 4096² image on the CPU in a fresh process and reports its peak RSS (ru_maxrss).
+# Decodes a 4096² image on the CPU in a fresh process and reports its peak RSS: VmHWM, the high-water mark of
+# its own address space (ru_maxrss would not do: Linux carries it over fork + exec from the parent, and the
+# pytest process that starts this one may be many GiB by then).
 # NOTE: 5 levels (latent 256², 16× down) rather than SD's 4 (latent 512²): the mid-block attention over
 # 512² = 262144 tokens alone takes several minutes on 2 shared cores; at 256² it takes about 25 s. The
 # full-resolution stages, where the memory goes, are those of SD's decoder at 8 channels.
 BIG_DECODE = r"""
-import json, resource, sys, time
+import json, sys, time
+def status_bytes(field):
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
 import torch
 torch.set_num_threads(1)
 from flashstep.models.configs import VAEConfig
@@ -203,13 +209,12 @@ config = VAEConfig(block_out_channels=(8,) * levels, layers_per_block=1, norm_nu
 vae = AutoencoderKL(config).eval()
 z = torch.randn(1, config.latent_channels, latent_side, latent_side)
 tiled = TiledVAE(vae, MemoryBudget.for_device("cpu", budget))
-with open("/proc/self/statm") as statm:
-    rss_before = int(statm.read().split()[1]) * resource.getpagesize()
+rss_before = status_bytes("VmRSS")
 start = time.perf_counter()
 out = tiled.decode(z)
 print(json.dumps({
     "seconds": time.perf_counter() - start, "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
-    "rss_before": rss_before, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "rss_before": rss_before, "peak_rss": status_bytes("VmHWM"),
     "untiled_estimate": tiled.untiled_peak_bytes(z.shape, z.dtype), "should_tile": tiled.should_tile(z.shape, z.dtype),
     "kinds": sorted(set(tiled.last_run.placements.values())), "attention": tiled.last_run.attention,
 }))
