@@ -1,7 +1,6 @@
 """group_norm through torch.nn.functional.group_norm, then SiLU and the residual in place."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 
