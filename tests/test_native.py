@@ -39,3 +39,22 @@ def test_import_does_not_import_triton_or_initialise_cuda():
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert result.stdout.strip() == "False"
+
+
+def test_info_says_why_a_backend_runs_nothing_here():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    code = "import json, flashstep; print(json.dumps(flashstep.info().as_dict()))"
+    parsed = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                       env=env).stdout)
+    runnable = {backend for op in parsed["ops"] for backend in op["runnable"]}
+    registered = {backend for op in parsed["ops"] for backend in op["registered"]}
+    assert set(parsed["idle_backends"]) == registered - runnable
+    for reason in parsed["idle_backends"].values():
+        assert reason and "not available on this machine" not in reason
+    text = subprocess.run([sys.executable, "-m", "flashstep", "info"], capture_output=True, text=True, check=True,
+                          env=env).stdout
+    for backend, reason in parsed["idle_backends"].items():
+        assert f"{backend}" in text and reason in text
+    if "triton" in parsed["idle_backends"]:  # no GPU here: the reason names the way to run it on the CPU
+        assert "TRITON_INTERPRET=1" in parsed["idle_backends"]["triton"] or "not installed" in parsed["idle_backends"]["triton"]

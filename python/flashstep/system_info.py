@@ -31,6 +31,8 @@ class Info:
     cuda_driver: str
     devices: List[str]
     ops: List[OpInfo] = field(default_factory=list)
+    # backend -> why it runs no op here (only backends that run none)
+    idle_backends: Dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> Dict:
         from dataclasses import asdict
@@ -52,6 +54,9 @@ class Info:
         ]
         for op in self.ops:
             lines.append(f"  {op.name:<22} {', '.join(op.registered):<34} {', '.join(op.runnable)}")
+        if self.idle_backends:
+            lines += ["", "  not running here:"]
+            lines += [f"  {backend:<22} {reason}" for backend, reason in self.idle_backends.items()]
         return "\n".join(lines)
 
 
@@ -79,8 +84,22 @@ def _devices() -> List[str]:
     return devices
 
 
+def _idle_backends() -> Dict[str, str]:
+    """Each backend that is registered for some op but runs none here -> the reason it gives."""
+    idle: Dict[str, str] = {}
+    for backend in registry.BACKEND_PRIORITY:
+        implementations = [op.implementations[backend] for op in registry.all_ops() if backend in op.implementations]
+        if implementations and not any(backend in op.backends() for op in registry.all_ops()):
+            try:
+                idle[backend] = implementations[0].unavailable_reason()
+            except ImportError as error:
+                idle[backend] = f"cannot be imported ({error})"
+    return idle
+
+
 def info() -> Info:
-    """Version, build, devices and, for each op, its backends and which of them run here."""
+    """Version, build, devices and, for each op, its backends and which of them run here (and, for a backend
+    that runs no op here, why)."""
     native = _native._C
     return Info(
         version=__version__,
@@ -95,4 +114,5 @@ def info() -> Info:
         cuda_driver=_version_string(native.cuda_driver_version()) if native is not None else "none",
         devices=_devices(),
         ops=[OpInfo(op.name, op.registered(), op.backends()) for op in registry.all_ops()],
+        idle_backends=_idle_backends(),
     )
