@@ -20,7 +20,9 @@ from __future__ import annotations
 import functools
 import math
 import shutil
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -28,6 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashstep.bench import S3DIFF_UNET_TARGETS, S3DIFF_VAE_TARGETS, Case
+
+# The paper-code pieces that the pipeline tests check flashstep against are the peers' pieces too: S3Diff's
+# degradation net and LoRA forward, and the colour fixes of OSEDiff and S3Diff.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "pipelines"))
+from reference import DEResNet, adain_color_fix, my_lora_fwd, wavelet_color_fix  # noqa: E402
 
 LAST_STEP = 999
 GUIDANCE_SCALE = 1.07
@@ -144,41 +151,6 @@ def alpha_bar(t: int = LAST_STEP) -> float:
     return float(scheduler.alphas_cumprod[t])
 
 
-# -- colour fixes (wavelet_color_fix.py of OSEDiff and S3Diff, on tensors) ------------------------------
-def adain_color_fix(content: torch.Tensor, style: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per channel (x − μ_x)/σ_x·σ_s + μ_s, σ = sqrt(unbiased var + eps); (B, 3, H, W) in [0, 1]."""
-    def stats(t):
-        flat = t.reshape(t.shape[0], t.shape[1], -1)
-        return flat.mean(-1)[..., None, None], (flat.var(-1, unbiased=True) + eps).sqrt()[..., None, None]
-
-    c_mean, c_std = stats(content)
-    s_mean, s_std = stats(style)
-    return ((content - c_mean) / c_std * s_std + s_mean).clamp(0, 1)
-
-
-def wavelet_blur(image: torch.Tensor, radius: int) -> torch.Tensor:
-    kernel = torch.tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]],
-                          dtype=image.dtype, device=image.device)
-    kernel = kernel[None, None].repeat(3, 1, 1, 1)
-    image = F.pad(image, (radius, radius, radius, radius), mode="replicate")
-    return F.conv2d(image, kernel, groups=3, dilation=radius)
-
-
-def wavelet_decomposition(image: torch.Tensor, levels: int = 5):
-    high = torch.zeros_like(image)
-    for i in range(levels):
-        low = wavelet_blur(image, 2**i)
-        high += image - low
-        image = low
-    return high, low
-
-
-def wavelet_color_fix(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-    content_high, _ = wavelet_decomposition(content)
-    _, style_low = wavelet_decomposition(style)
-    return (content_high + style_low).clamp(0, 1)
-
-
 def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
     pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
     return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
@@ -246,57 +218,6 @@ def _osediff(case: Case) -> List[Variant]:
 
 
 # -- S3Diff -------------------------------------------------------------------------------------------
-class ResidualBlockNoBN(nn.Module):
-    """basicsr's ResidualBlockNoBN: x + conv2(relu(conv1(x)))."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
-
-    def forward(self, x):
-        return x + self.conv2(F.relu(self.conv1(x)))
-
-
-class DEResNet(nn.Module):
-    """S3Diff's de_net.py: per degradation, conv_first, 6 blocks of 64, a stride-2 conv, 2 blocks of 128,
-    global average pool, Linear-ReLU-Linear-Sigmoid."""
-
-    def __init__(self, num_degradations: int = 2):
-        super().__init__()
-        self.conv_first = nn.ModuleList(nn.Conv2d(3, 64, 3, 1, 1) for _ in range(num_degradations))
-        self.body = nn.ModuleList(
-            nn.Sequential(*[ResidualBlockNoBN(64) for _ in range(6)], nn.Conv2d(64, 128, 3, 2, 1),
-                          *[ResidualBlockNoBN(128) for _ in range(2)])
-            for _ in range(num_degradations))
-        self.fc_degree = nn.ModuleList(
-            nn.Sequential(nn.Linear(128, 512), nn.ReLU(True), nn.Linear(512, 1), nn.Sigmoid())
-            for _ in range(num_degradations))
-
-    def forward(self, x):
-        degrees = [head(body(first(x)).mean(dim=(2, 3))) for first, body, head in
-                   zip(self.conv_first, self.body, self.fc_degree)]
-        return torch.cat(degrees, dim=1)
-
-
-def my_lora_fwd(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """S3Diff's replacement of peft's LoraLayer.forward (src/model.py): the rank-r activations are mixed by
-    this image's ``de_mod`` (B, r, r) between A and B."""
-    result = self.base_layer(x, *args, **kwargs)
-    result_dtype = result.dtype
-    for adapter in self.active_adapters:
-        if adapter not in self.lora_A.keys():
-            continue
-        lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
-        hidden = lora_a(self.lora_dropout[adapter](x.to(lora_a.weight.dtype)))
-        if isinstance(lora_a, nn.Conv2d):
-            hidden = torch.einsum("...khw,...kr->...rhw", hidden, self.de_mod)
-        else:
-            hidden = torch.einsum("...lk,...kr->...lr", hidden, self.de_mod)
-        result = result + lora_b(hidden) * self.scaling[adapter]
-    return result.to(result_dtype)
-
-
 def _bind_my_lora_fwd(model: nn.Module) -> List[str]:
     """Give every peft LoRA layer S3Diff's forward, as S3Diff.__init__ does; returns their paths."""
     paths = [name[: -len(".base_layer")] for name, _ in model.named_modules() if name.endswith(".base_layer")]
