@@ -143,7 +143,7 @@ def draw(results: dict, device_tag: str, folder: Path) -> List[Path]:
     for field, scale, unit, name in (("median_s", 1.0, "seconds per image", "latency"),
                                      ("peak_bytes", 2.0**-20, "peak MB a call adds", "memory")):
         path = folder / f"plot_{pipeline}_{device_tag}_{name}.png"
-        line_chart(path, f"{pipeline}: {unit} against the output size", "output side in pixels (the image is side × side)",
+        line_chart(path, f"{pipeline}: {unit} against the output size", "output side in pixels (the image is side x side)",
                    series(results, field, scale), subtitle)
         written.append(path)
     return written
