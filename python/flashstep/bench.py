@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .testing import randomize_
+from .testing import OSEDIFF_UNET_PATTERNS, OSEDIFF_VAE_PATTERNS, randomize_
 
 PIPELINES = ("osediff", "s3diff", "sd-turbo", "rrdbnet")
 CONFIGS = ("full", "reduced")
@@ -55,12 +55,8 @@ PROMPT_TOKENS = 77
 LORA_ALPHA = 8.0
 OSEDIFF_RANK = 4
 S3DIFF_UNET_RANK, S3DIFF_VAE_RANK = 32, 16
-# OSEDiff's initialize_unet / initialize_vae: a weight whose name contains one of these is LoRA'd
-# (pipelines.md §1.4); S3Diff's peft target list (suffix match) and VAE regex (§2.3).
-OSEDIFF_UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                         "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
-OSEDIFF_VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v",
-                        "to_out.0")
+# S3Diff's peft target list (suffix match) and VAE regex (pipelines.md §2.3); OSEDiff's patterns are in
+# flashstep.testing.
 S3DIFF_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
                        "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj")
 S3DIFF_VAE_TARGETS = r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)$"

@@ -156,3 +156,46 @@ def require_backend(op_name: str, backend: str, device) -> None:
         pytest.skip(f"{backend} does not run here: {op.implementations[backend].unavailable_reason()}")
     if backend == "cuda" and str(device) == "cpu":
         pytest.skip("the cuda backend needs a CUDA device")
+
+
+# OSEDiff's initialize_unet / initialize_vae (cswry/OSEDiff osediff.py; pipelines.md §1.4): a weight whose name
+# contains one of these patterns gets a LoRA.
+OSEDIFF_UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
+                         "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
+OSEDIFF_VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v",
+                        "to_out.0")
+
+
+def osediff_unet_modules(unet: torch.nn.Module):
+    """OSEDiff's ``initialize_unet`` module lists, by parameter-name patterns: (encoder, decoder, others), each a
+    list of module paths (down blocks and conv_in; up blocks and conv_out; the rest)."""
+    encoder, decoder, others = [], [], []
+    for name, _ in unet.named_parameters():
+        if "bias" in name or "norm" in name:
+            continue
+        for pattern in OSEDIFF_UNET_PATTERNS:
+            if pattern in name and ("down_blocks" in name or "conv_in" in name):
+                encoder.append(name.replace(".weight", ""))
+                break
+            elif pattern in name and ("up_blocks" in name or "conv_out" in name):
+                decoder.append(name.replace(".weight", ""))
+                break
+            elif pattern in name:
+                others.append(name.replace(".weight", ""))
+                break
+    return encoder, decoder, others
+
+
+def osediff_vae_modules(vae: torch.nn.Module):
+    """OSEDiff's ``initialize_vae`` module list: the encoder's convs and attention projections, and quant_conv
+    (a path may repeat, as in the original loop)."""
+    modules = []
+    for name, _ in vae.named_parameters():
+        if "bias" in name or "norm" in name:
+            continue
+        for pattern in OSEDIFF_VAE_PATTERNS:
+            if pattern in name and "encoder" in name:
+                modules.append(name.replace(".weight", ""))
+            elif "quant_conv" in name and "post_quant_conv" not in name:
+                modules.append(name.replace(".weight", ""))
+    return modules

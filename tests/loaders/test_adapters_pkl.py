@@ -22,11 +22,8 @@ from torch import nn
 from flashstep.loaders.adapters_pkl import OSEDiffAdapter, S3DiffAdapter
 from flashstep.loaders.files import LoaderError
 from flashstep.loaders.load_model import load_lora, load_model
+from flashstep.testing import osediff_unet_modules, osediff_vae_modules
 
-OSEDIFF_UNET_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                         "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
-OSEDIFF_VAE_PATTERNS = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v",
-                        "to_out.0"]
 S3DIFF_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
                        "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj"]
 S3DIFF_VAE_TARGETS = r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)$"
@@ -37,35 +34,6 @@ def _save(path, state_dict):
     return str(path)
 
 
-def _osediff_module_lists(unet):
-    encoder, decoder, others = [], [], []
-    for name, _ in unet.named_parameters():
-        if "bias" in name or "norm" in name:
-            continue
-        for pattern in OSEDIFF_UNET_PATTERNS:
-            if pattern in name and ("down_blocks" in name or "conv_in" in name):
-                encoder.append(name.replace(".weight", ""))
-                break
-            elif pattern in name and ("up_blocks" in name or "conv_out" in name):
-                decoder.append(name.replace(".weight", ""))
-                break
-            elif pattern in name:
-                others.append(name.replace(".weight", ""))
-                break
-    return encoder, decoder, others
-
-
-def _osediff_vae_modules(vae):
-    modules = []
-    for name, _ in vae.named_parameters():
-        if "bias" in name or "norm" in name:
-            continue
-        for pattern in OSEDIFF_VAE_PATTERNS:
-            if pattern in name and "encoder" in name:
-                modules.append(name.replace(".weight", ""))
-            elif "quant_conv" in name and "post_quant_conv" not in name:
-                modules.append(name.replace(".weight", ""))
-    return modules
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +44,12 @@ def osediff(tmp_path_factory):
     base_unet, base_vae = _save(folder / "unet.safetensors", unet.state_dict()), _save(folder / "vae.safetensors",
                                                                                      vae.state_dict())
     rank = 4
-    encoder, decoder, others = _osediff_module_lists(unet)
+    encoder, decoder, others = osediff_unet_modules(unet)
     for adapter, modules in (("default_encoder", encoder), ("default_decoder", decoder), ("default_others", others)):
         unet.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=modules),
                          adapter_name=adapter)
     unet.set_adapter(["default_encoder", "default_decoder", "default_others"])
-    vae_modules = _osediff_vae_modules(vae)
+    vae_modules = osediff_vae_modules(vae)
     vae.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=vae_modules),
                     adapter_name="default_encoder")
     randomise_lora(unet, seed=21)

@@ -37,6 +37,8 @@ import pytest
 import torch
 from torch import nn
 
+from flashstep.testing import osediff_unet_modules, osediff_vae_modules
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # The 4-level f8 VAE of every family; the decoder input is post_quant_conv(z / scaling) with z ≈ x̂0.
@@ -53,10 +55,6 @@ SD2_TEXT_WIDTH = 64
 CLIP_L_WIDTH = 768
 BIGG_WIDTH = 1280
 
-OSEDIFF_UNET_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                         "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
-OSEDIFF_VAE_PATTERNS = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v",
-                        "to_out.0"]
 S3DIFF_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
                        "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj"]
 S3DIFF_VAE_TARGETS = r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)$"
@@ -267,37 +265,6 @@ def write_pipeline_folder(folder, family: str, seed: int = 0, scheduler: str = "
 
 # -- OSEDiff -------------------------------------------------------------------------------------------------
 
-def osediff_unet_modules(unet_model):
-    """OSEDiff's ``initialize_unet`` module lists: (encoder, decoder, others) by parameter-name patterns."""
-    encoder, decoder, others = [], [], []
-    for name, _ in unet_model.named_parameters():
-        if "bias" in name or "norm" in name:
-            continue
-        for pattern in OSEDIFF_UNET_PATTERNS:
-            if pattern in name and ("down_blocks" in name or "conv_in" in name):
-                encoder.append(name.replace(".weight", ""))
-                break
-            elif pattern in name and ("up_blocks" in name or "conv_out" in name):
-                decoder.append(name.replace(".weight", ""))
-                break
-            elif pattern in name:
-                others.append(name.replace(".weight", ""))
-                break
-    return encoder, decoder, others
-
-
-def osediff_vae_modules(vae_model):
-    """OSEDiff's ``initialize_vae`` module list: encoder convs and attention projections, and quant_conv."""
-    modules = []
-    for name, _ in vae_model.named_parameters():
-        if "bias" in name or "norm" in name:
-            continue
-        for pattern in OSEDIFF_VAE_PATTERNS:
-            if pattern in name and "encoder" in name:
-                modules.append(name.replace(".weight", ""))
-            elif "quant_conv" in name and "post_quant_conv" not in name:
-                modules.append(name.replace(".weight", ""))
-    return modules
 
 
 @dataclass
