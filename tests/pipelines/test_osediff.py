@@ -180,17 +180,44 @@ def test_prompt_embeds_skip_the_text_encoder(osediff_files, case, reference_mode
 
 # -- latent tiling -------------------------------------------------------------------------------------------
 
-def test_latent_tiles_match_the_reference_tiling(pipe, reference_model, helpers):
-    """A 64×112 input at ×4 is a 32×56 latent; tile=256 px gives 32-latent tiles at x = 0, 16, 24 (overlap 16),
-    the grid OSEDiff's own loop makes with --latent_tiled_size 32 --latent_tiled_overlap 16. OSEDiff's Gaussian
-    puts the y midpoint at T/2 (x: (T-1)/2) where flashstep's window is symmetric; with one row of tiles the y
-    weights are common to every tile and cancel, so the two blends must agree exactly."""
+@pytest.fixture(scope="module")
+def gaussian_pipe(osediff_files) -> OSEDiffPipeline:
+    return load(osediff_files, dtype="fp32", latent_tiling="gaussian")
+
+
+def test_latent_tiles_match_the_reference_tiling(gaussian_pipe, reference_model, helpers):
+    """latent_tiling="gaussian": a 64×112 input at ×4 is a 32×56 latent; tile=256 px gives 32-latent tiles at
+    x = 0, 16, 24 (overlap 16), the grid OSEDiff's own loop makes with --latent_tiled_size 32
+    --latent_tiled_overlap 16. OSEDiff's Gaussian puts the y midpoint at T/2 (x: (T-1)/2) where flashstep's
+    window is symmetric; with one row of tiles the y weights are common to every tile and cancel, so the two
+    blends must agree exactly."""
     lq = helpers.smooth_image(64, 112, seed=12)[None]
-    ours = pipe(lq, color_fix="none", tile=256)
-    assert pipe.graph["denoise"].record.tiles == 3
+    ours = gaussian_pipe(lq, color_fix="none", tile=256)
+    assert gaussian_pipe.graph["denoise"].record.tiles == 3
     expected = reference_model(lq, [""], latent_tiled_size=32, latent_tiled_overlap=16)
     helpers.assert_fp32_parity(ours, expected, "osediff, latent tiles")
-    assert (ours - pipe(lq, color_fix="none", tile=0)).abs().max() > 0.01
+    assert (ours - gaussian_pipe(lq, color_fix="none", tile=0)).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("size, tile", [((80, 80), 256), ((44, 100), 96)])
+def test_exact_latent_tiling_equals_the_untiled_run(pipe, helpers, size, tile):
+    """The default latent tiling streams the UNet with whole-latent GroupNorm statistics and attention: tiled
+    and untiled OSEDiff agree within 1e-4 of the range (≥ 40 dB asked; float rounding only), on a square
+    input and on one whose ×4 size is no multiple of 64 (padded, then cropped back), at tiles that do not
+    divide the latent."""
+    lq = helpers.smooth_image(*size, seed=13)
+    whole = pipe(lq, color_fix="none", tile=0)
+    assert pipe.graph["denoise"].record.tiles == 0
+    tiled = pipe(lq, color_fix="none", tile=tile)
+    assert pipe.graph["denoise"].record.tiles > 0
+    assert "streamed" in str(pipe.graph)
+    helpers.assert_fp32_parity(tiled, whole, f"osediff {size}, exact latent tiles of {tile} px")
+    assert helpers.psnr(tiled, whole) >= 60
+
+
+def test_latent_tiling_mode_is_checked(osediff_files):
+    with pytest.raises(ValueError, match="latent_tiling='blend'; valid: exact, gaussian"):
+        load(osediff_files, latent_tiling="blend")
 
 
 def _with_x0(pipeline: OSEDiffPipeline, seen: list) -> OSEDiffPipeline:
@@ -209,19 +236,20 @@ def _step_across(difference: torch.Tensor, edges) -> torch.Tensor:
 
 
 def test_latent_tiles_blend_without_a_seam(osediff_files, helpers):
-    """An 80×80 input at ×4 is a 40×40 latent; tile=256 px gives 32-latent tiles at 0 and 8 on each axis (four
+    """latent_tiling="gaussian": an 80×80 input at ×4 is a 40×40 latent; tile=256 px gives 32-latent tiles at 0 and 8 on each axis (four
     tiles, inner edges at latent 8 and 32). Against the untiled run:
 
     * x̂0 changes smoothly across every inner tile edge: the step of the difference there is within 3× its median
       step (averaging the overlaps without the Gaussian window gave 6-7×);
     * in the image, the error within 8 px of the edges is no larger than elsewhere (1.5×, interior only).
 
-    NOTE: the tiled image is not within 40 dB of the untiled one here (28-38 dB over four test images): with
+    NOTE: the blended image is not within 40 dB of the untiled one here (28-38 dB over four test images): with
     random weights a 32-latent tile's GroupNorm and self-attention statistics differ from the whole latent's by
-    5-13% of ε (0.2% with both removed); the reference's own tiling gives the same (see the test above)."""
+    5-13% of ε (0.2% with both removed); the reference's own tiling gives the same (see the test above). The
+    default "exact" tiling has neither difference (test_exact_latent_tiling_equals_the_untiled_run)."""
     lq = helpers.smooth_image(80, 80, seed=11)
     seen: list = []
-    own = _with_x0(load(osediff_files, dtype="fp32"), seen)
+    own = _with_x0(load(osediff_files, dtype="fp32", latent_tiling="gaussian"), seen)
     whole = own(lq, color_fix="none", tile=0)
     tiled = own(lq, color_fix="none", tile=256)
     assert own.graph["denoise"].record.tiles == 4

@@ -7,10 +7,13 @@
     y      = crop(clamp(D(x̂0 / scaling), -1, 1)) / 2 + 1/2
     image  = colour_fix(y, lq_up)                          AdaIN or wavelet
 
-Stages: upsample -> prompt -> encode -> denoise (latent tiles) -> decode (NaN-checked) -> color_fix. The
-denoise stage runs in Gaussian-blended latent tiles when the latent is larger than the tile the memory
-budget (or ``tile``) allows; the VAE stages run whole when they fit the budget and otherwise streamed tile
-by tile with whole-image GroupNorm statistics (exact: no seam, no brightness step). ``tile=0`` never tiles.
+Stages: upsample -> prompt -> encode -> denoise (latent tiles) -> decode (NaN-checked) -> color_fix. When
+the latent is larger than ``tile`` or the memory budget allows, the denoise stage streams the UNet layer by
+layer with whole-latent statistics and attention (``latent_tiling="exact"``, the default: equal to the
+untiled result up to rounding) or blends Gaussian-weighted latent tiles as the reference does
+(``"gaussian"``), see :mod:`flashstep.pipelines.latent_tiling`. The VAE stages run whole when they fit the
+budget and otherwise streamed tile by tile with whole-image GroupNorm statistics (exact: no seam, no
+brightness step). ``tile=0`` never tiles.
 """
 from __future__ import annotations
 
@@ -20,20 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from ..runner import Stage
-from ..runner.tiling import SpatialTiler
 from .base import ImagePipeline, RunOptions
 from .colorfix import METHODS as COLOR_FIX_METHODS
 from .colorfix import color_fix as apply_color_fix
+from .latent_tiling import LATENT_FACTOR, LatentTiling
 from .precision import SafeCopy
 from .vae_runner import SafeVAERunner, VAERunner
 
-LATENT_FACTOR = 8
 PAD_MULTIPLE = 64
-# NOTE: latent tiling as in the reference (96-latent tiles, 32 overlap); the budget estimate is a
-# conservative 2 MB per latent pixel for the SD UNet at fp16 (peak activations at the first level).
-LATENT_TILE = 96
-LATENT_OVERLAP = 32
-UNET_BYTES_PER_LATENT_PIXEL = 2.0 * 2**20
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -55,7 +52,11 @@ class DiffusionSRPipeline(ImagePipeline):
     default_scale = 4.0
     default_color_fix = "adain"
 
-    def __init__(self, unet, vae, text_encoder=None, tokenizer=None, *, sample_posterior: bool = False, **options):
+    # UNet samples per latent (S3Diff runs both guidance branches in one call)
+    unet_batch = 1
+
+    def __init__(self, unet, vae, text_encoder=None, tokenizer=None, *, sample_posterior: bool = False,
+                 latent_tiling: str = "exact", **options):
         super().__init__(**options)
         self.unet = unet.to(self.device, self.dtype).eval()
         self.vae = vae.to(self.device, self.dtype).eval()
@@ -67,9 +68,8 @@ class DiffusionSRPipeline(ImagePipeline):
         self.vae_runner = VAERunner(self.vae, self.runner.memory, self.runner.progress)
         self._safe_vae_runner = SafeVAERunner(self._safe_vae, self.runner.memory, self.runner.progress)
         self._prompt_cache: Dict[str, torch.Tensor] = {}
-        self.latent_tiler = SpatialTiler("latent", scale=1, tile=None, overlap=LATENT_OVERLAP, window="gaussian",
-                                         bytes_per_pixel=UNET_BYTES_PER_LATENT_PIXEL, multiple=LATENT_FACTOR,
-                                         minimum_tile=32)
+        self.latent_tiler = LatentTiling(self.unet, self.runner.memory, latent_tiling, self.runner.progress,
+                                         unet_batch=self.unet_batch)
         self.graph.inputs = ("lq", "scale", "prompts", "seed", "color_fix")
         for stage in self._stages():
             self.graph.append(stage)
@@ -140,10 +140,7 @@ class DiffusionSRPipeline(ImagePipeline):
         if method not in COLOR_FIX_METHODS:
             raise ValueError(f"color_fix={method!r}; valid: {', '.join(COLOR_FIX_METHODS)}")
         self.vae_runner.allow_tiling = options.tile != 0
-        if options.tile is None:
-            self.latent_tiler.tile = None
-        else:
-            self.latent_tiler.tile = 0 if options.tile == 0 else max(32, options.tile // LATENT_FACTOR)
+        self.latent_tiler.tile = options.tile
         values = {
             "lq": lq,
             "scale": options.scale if options.scale is not None else self.default_scale,

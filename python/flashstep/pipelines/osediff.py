@@ -24,7 +24,7 @@ class OSEDiffPipeline(DiffusionSRPipeline):
 
     def _denoise(self, latent: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         timestep = torch.full((latent.shape[0],), LAST_STEP, device=latent.device, dtype=torch.long)
-        eps = self.unet(latent, timestep, context)
+        eps = self.latent_tiler.unet(latent, timestep, context)
         return x0_from_epsilon(latent, eps).to(latent.dtype)
 
 
@@ -32,7 +32,7 @@ def build_osediff(base, lora, **options) -> OSEDiffPipeline:
     """OSEDiff from an SD 2.1-base folder/file and the osediff.pkl adapter."""
     from ..loaders import LoaderError, OSEDiffAdapter, load_components, load_lora
 
-    pipeline_options = {k: options.pop(k) for k in list(options) if k in ("device", "dtype", "max_memory", "progress", "cuda_graphs")}
+    pipeline_options = {k: options.pop(k) for k in list(options) if k in ("device", "dtype", "max_memory", "progress", "cuda_graphs", "latent_tiling")}
     sample_posterior = bool(options.pop("sample_posterior", False))
     if options:
         raise ValueError(f"unknown option(s) for osediff: {sorted(options)}")

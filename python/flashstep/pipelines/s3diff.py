@@ -48,6 +48,7 @@ class S3DiffPipeline(DiffusionSRPipeline):
     upsample_align_corners = True
     default_scale = 4.0
     default_color_fix = "wavelet"
+    unet_batch = 2
 
     def __init__(self, unet, vae, text_encoder, tokenizer, de_net, modulation, *, guidance_scale: float = GUIDANCE_SCALE,
                  negative_prompt: str = NEGATIVE_PROMPT, **options):
@@ -98,7 +99,7 @@ class S3DiffPipeline(DiffusionSRPipeline):
         try:
             batch = latent.shape[0]
             timestep = torch.full((2 * batch,), LAST_STEP, device=latent.device, dtype=torch.long)
-            eps = self.unet(torch.cat([latent, latent]), timestep, torch.cat([context, negative_context]))
+            eps = self.latent_tiler.unet(torch.cat([latent, latent]), timestep, torch.cat([context, negative_context]))
         finally:
             set_mixes(self.unet_layers, None)
         eps_positive, eps_negative = eps.float().chunk(2)
@@ -112,7 +113,7 @@ def build_s3diff(base, lora, de_net, **options) -> S3DiffPipeline:
     from ..models.de_net import DEResNet
     from ..models.s3diff_modulation import S3DiffModulation
 
-    pipeline_options = {k: options.pop(k) for k in list(options) if k in ("device", "dtype", "max_memory", "progress", "cuda_graphs")}
+    pipeline_options = {k: options.pop(k) for k in list(options) if k in ("device", "dtype", "max_memory", "progress", "cuda_graphs", "latent_tiling")}
     if options:
         raise ValueError(f"unknown option(s) for s3diff: {sorted(options)}")
     components = load_components(base)

@@ -103,6 +103,8 @@ class Runner:
 
     def _call(self, stage: Stage, fn, args: Dict[str, Any], record: StageRecord, graphable: Optional[bool] = None):
         graphable = stage.graphable if graphable is None else graphable
+        if graphable and stage.tiler is not None and not stage.tiler.graphable(args, self.memory):
+            graphable = False
         if graphable and self.graphs is not None:
             eager = fn
             name = stage.name if fn is stage.fn else f"{stage.name}/safe"

@@ -89,6 +89,10 @@ class SpatialTiler:
             return self.tile
         return budget.tile_side(self.bytes_per_pixel, multiple=max(self.multiple, 1), minimum=self.minimum_tile)
 
+    def graphable(self, args: Dict[str, Any], budget: MemoryBudget) -> bool:
+        """Each tile is one static-shape call of the stage function, so a CUDA graph may capture it."""
+        return True
+
     def run(self, fn: Callable[..., Any], args: Dict[str, Any], *, budget: MemoryBudget, record=None,
             progress: bool = False, on_retry: Callable[[str], None] = lambda message: None) -> Any:
         side = self.tile_side(budget)
