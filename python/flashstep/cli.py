@@ -26,7 +26,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _pipeline_options(args: argparse.Namespace) -> Dict:
     options = {"device": args.device, "dtype": args.dtype, "max_memory": args.max_memory, "progress": not args.quiet}
-    for name in ("base", "lora", "de_net", "adapter"):
+    for name in ("base", "lora", "de_net", "adapter", "latent_tiling"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
@@ -38,6 +38,8 @@ def load_pipeline(args: argparse.Namespace, kind_hint: Optional[str] = None):
 
     model = args.model or kind_hint or "default"
     options = _pipeline_options(args)
+    if getattr(args, "latent_tiling", None) and model in ("default", "pixel-sr"):
+        raise UsageError(f"--latent-tiling applies to the diffusion SR models (osediff, s3diff), not {model}; drop it")
     if model == "default":
         options["scale"] = args.scale
     elif model not in pipelines.KINDS:
@@ -177,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--model", help="default (bundled), a kind (osediff, s3diff, pixel-sr, ...) or an SR checkpoint")
     upscale.add_argument("--scale", type=float, help="output scale (default: the model's own, 4 for default)")
     upscale.add_argument("--tile", type=int, help="tile side in output pixels; 0 = never tile (default: from the memory budget)")
+    upscale.add_argument("--latent-tiling", dest="latent_tiling", choices=["exact", "gaussian"],
+                         help="diffusion SR on latents beyond --tile or the budget: exact (default; the UNet streamed "
+                              "with whole-latent statistics, equal to the untiled result) or gaussian (the "
+                              "reference's blended tiles)")
     upscale.add_argument("--color-fix", dest="color_fix", choices=["adain", "wavelet", "none"], help="colour correction (default: the model's reference)")
     upscale.add_argument("--prompt", help="text prompt for diffusion SR (default: empty)")
     upscale.add_argument("--format", help="output extension when writing to a folder (default: the input's, else png)")

@@ -32,6 +32,10 @@ BAD_OPTIONS = [
     (["--quality", "0"], "--quality 0: valid values are whole numbers from 1 to 100"),
     (["--quality", "101"], "valid values are whole numbers from 1 to 100"),
     (["--format", "bmp"], "--format 'bmp': valid values are png, jpg, jpeg, webp, tif, tiff"),
+    (["--latent-tiling", "blend"], ("argument --latent-tiling: invalid choice: 'blend' (choose from ", "exact",
+                                    "gaussian")),
+    (["--latent-tiling", "exact"], "--latent-tiling applies to the diffusion SR models (osediff, s3diff), not "
+                                   "default; drop it"),
     (["--color-fix", "magic"], ("argument --color-fix: invalid choice: 'magic' (choose from ", "adain", "wavelet")),
 ]
 if not torch.cuda.is_available():
