@@ -112,7 +112,7 @@ fi
 run_step info 30 "$OUT/environment.log" "$PY" -m flashstep info
 
 # 4. The op tests on the GPU.
-run_step tests-gpu 45 "$OUT/tests.log" "$PY" -m pytest tests/ops -m gpu -v -rfE -p no:cacheprovider
+run_step tests-gpu 45 "$OUT/tests.log" "$PY" -m pytest tests/ops tests/runner -m gpu -v -rfE -p no:cacheprovider
 run_step tests-ops 75 "$OUT/tests.log" "$PY" -m pytest tests/ops -m "not gpu" -v -rfE -p no:cacheprovider
 
 # 5. The pipeline benchmarks.

@@ -215,6 +215,22 @@ def test_exact_latent_tiling_equals_the_untiled_run(pipe, helpers, size, tile):
     assert helpers.psnr(tiled, whole) >= 60
 
 
+def test_out_of_memory_in_the_whole_latent_unet_streams_it(pipe, helpers, monkeypatch, caplog):
+    lq = helpers.smooth_image(24, 40, seed=14)
+    whole = pipe(lq, color_fix="none", tile=None)
+    assert pipe.graph["denoise"].record.tiles == 0
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipe.latent_tiler, "plain", out_of_memory)
+    with caplog.at_level("WARNING"):
+        streamed = pipe(lq, color_fix="none", tile=None)
+    assert pipe.graph["denoise"].record.tiles > 0
+    assert "streaming it layer by layer" in caplog.text
+    helpers.assert_fp32_parity(streamed, whole, "osediff, streamed after out of memory")
+
+
 def test_latent_tiling_mode_is_checked(osediff_files):
     with pytest.raises(ValueError, match="latent_tiling='blend'; valid: exact, gaussian"):
         load(osediff_files, latent_tiling="blend")

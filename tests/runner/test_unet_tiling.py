@@ -45,16 +45,6 @@ RANGE_FRACTION = 1e-5
 TIMESTEP = 999
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: tiles are small ops by design; on the shared 2-core machine 2-thread ops on them wait at the
-    # OpenMP barrier far longer than they compute.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def model(request):
     return request.param, randomize_(UNet2DCondition(CONFIGS[request.param]), seed=1).eval()
@@ -219,3 +209,19 @@ def test_latent_sides_must_be_multiples_of_the_downsampling():
     sample, context, _ = inputs(unet.config, 1, 10, 16)
     with pytest.raises(ValueError, match="multiples of 4, got 10×16; pad the latent"):
         TiledUNet(unet, BIG_BUDGET, tile=4)(sample, TIMESTEP, context)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("store", ["device", "host"])
+def test_on_the_gpu_in_fp16(store):
+    """Maps on the GPU or in host RAM; error against the fp32 UNet within 2× the plain fp16 UNet's own."""
+    unet = randomize_(UNet2DCondition(CONFIGS["sd21"]), seed=7).eval().cuda()
+    low = copy.deepcopy(unet).half()
+    sample, context, _ = inputs(unet.config, 2, 32, 24, seed=10)
+    sample, context = sample.cuda(), context.cuda()
+    with torch.no_grad():
+        reference = unet(sample, TIMESTEP, context)
+        plain = low(sample.half(), TIMESTEP, context.half())
+    tiled = TiledUNet(low, BIG_BUDGET, tile=8, store=store)(sample.half(), TIMESTEP, context.half())
+    assert tiled.device.type == "cuda" and tiled.dtype == torch.float16
+    assert_error_within_torch(tiled, reference, plain, label=f"fp16 UNet, {store} maps")

@@ -34,17 +34,6 @@ RANGE_FRACTION = 1e-4
 MIN_PSNR_DB = 60.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: on the shared 2-core machine every 2-thread op on a small tile waited ~100 ms at its OpenMP
-    # barrier (a scheduler slice) against 0.3 ms with one thread; tiles are small ops by design.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 @pytest.fixture(scope="module")
 def vae():
     return randomize_(AutoencoderKL(SMALL), seed=3).eval()

@@ -26,7 +26,7 @@ from ..runner import Stage
 from .base import ImagePipeline, RunOptions
 from .colorfix import METHODS as COLOR_FIX_METHODS
 from .colorfix import color_fix as apply_color_fix
-from .latent_tiling import LATENT_FACTOR, LatentTiling
+from .latent_tiling import LatentTiling
 from .precision import SafeCopy
 from .vae_runner import SafeVAERunner, VAERunner
 

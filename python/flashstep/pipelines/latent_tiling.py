@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from ..runner.memory import MemoryBudget
-from ..runner.tiling import SpatialTiler
+from ..runner.tiling import SpatialTiler, is_out_of_memory
 from ..runner.unet_tiling import TiledUNet
 
 MODES = ("exact", "gaussian")
@@ -84,13 +84,24 @@ class LatentTiling:
                 0 if self.tile == 0 else max(MINIMUM_BLEND_TILE, self.tile // LATENT_FACTOR))
             return self.blend.run(fn, args, budget=budget, record=record, progress=progress, on_retry=on_retry)
         streaming = self.streams(args["latent"], budget)
+        try:
+            result = self._call(fn, args, budget, progress, streaming)
+        except RuntimeError as error:
+            if streaming or not is_out_of_memory(error):
+                raise
+            torch.cuda.empty_cache()
+            on_retry("out of memory in the whole-latent UNet; streaming it layer by layer")
+            streaming = True
+            result = self._call(fn, args, budget, progress, streaming)
+        if record is not None:
+            record.tiles = self.streamed.last_run.tiles if streaming else 0
+        return result
+
+    def _call(self, fn, args: Dict[str, Any], budget: MemoryBudget, progress: bool, streaming: bool):
         self.streamed.budget, self.streamed.progress = budget, progress
         self.streamed.tile = max(1, self.tile // LATENT_FACTOR) if streaming and self.tile else None
         self.streaming = streaming
         try:
-            result = fn(**args)
+            return fn(**args)
         finally:
             self.streaming = False
-        if record is not None:
-            record.tiles = self.streamed.last_run.tiles if streaming else 0
-        return result

@@ -62,7 +62,7 @@ def feather_window(height: int, width: int, ramp: int, edges: Tuple[bool, bool, 
     return axis(height, top, bottom)[:, None] * axis(width, left, right)[None, :]
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
@@ -103,7 +103,7 @@ class SpatialTiler:
                 # NOTE: a side larger than the input ran it whole; halving starts from the input's longer side,
                 # or the first retries would run the same whole input again.
                 current = min(side, max(args[self.input_name].shape[-2:]))
-                if not _is_out_of_memory(error) or side <= 0 or current // 2 < self.minimum_tile:
+                if not is_out_of_memory(error) or side <= 0 or current // 2 < self.minimum_tile:
                     raise
                 torch.cuda.empty_cache()
                 side = max(self.minimum_tile, (current // 2) // max(self.multiple, 1) * max(self.multiple, 1))

@@ -25,13 +25,10 @@ import torch
 from ..models.vae import LOGVAR_MAX, LOGVAR_MIN
 from .feature_store import map_bytes
 from .memory import MemoryBudget
-from .stream_steps import ConvStep, SpatialAttentionStep, Step, StreamedRunRecord, conv_input_window, plan_shapes
+from .stream_steps import ConvStep, SpatialAttentionStep, Step, conv_input_window, plan_shapes
 from .streaming import StreamedModel
 
 __all__ = ["TiledVAE", "encoder_plan", "decoder_plan", "plan_shapes", "conv_input_window"]
-
-# The record of the last encode/decode (kept under its earlier name).
-TiledRunRecord = StreamedRunRecord
 
 def _resnet_steps(name: str, resnet, source: str) -> List[Step]:
     """ResnetBlock2D: conv1(silu(norm1(x))), then conv2(silu(norm2(h))) + shortcut(x)."""
