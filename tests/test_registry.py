@@ -20,6 +20,31 @@ def test_auto_takes_the_first_available_backend_that_supports_the_inputs():
     assert op(-1) == ("torch", -1)
 
 
+def test_auto_passes_over_a_backend_that_says_another_is_faster_on_these_inputs():
+    op = make_op()
+    op.register("cpu", lambda x: ("cpu", x), auto_why_not=lambda x: "slower below 10" if x < 10 else None)
+    assert op(20) == ("cpu", 20)
+    assert op(5) == ("aten", 5)
+    assert op(-5) == ("cpu", -5), "a slower kernel still beats the reference when nothing else takes the inputs"
+    assert op(5, backend="cpu") == ("cpu", 5)
+
+
+@pytest.mark.skipif(registry.get("group_norm").implementations["cpu"].available() is False,
+                    reason="the native module is not built")
+def test_the_cpu_group_norm_is_auto_only_where_it_measured_faster():
+    op = registry.get("group_norm")
+
+    def chosen(shape, dtype=torch.float32, stats=None):
+        x = torch.zeros(shape, dtype=dtype)
+        return op.select(x, 32, None, None, 1e-5, "silu", None, stats).backend
+
+    assert chosen((2, 320, 8, 8)) == "aten"
+    assert chosen((1, 256, 64, 64)) == "aten"
+    assert chosen((1, 128, 128, 128)) == "cpu"
+    assert chosen((2, 320, 8, 8), torch.bfloat16) == "cpu"
+    assert chosen((2, 320, 8, 8), stats=(torch.zeros(2, 32), torch.ones(2, 32))) == "cpu"
+
+
 def test_backends_lists_what_runs_here_in_priority_order():
     op = make_op()
     assert op.registered() == ["cuda", "aten", "torch"]

@@ -22,7 +22,9 @@ Selection, first rule that applies:
    comma-separated list of ``op=backend`` pairs (``attention=cuda,group_norm=triton``), with
    ``*=backend`` as a default. Named backends are strict, as in rule 1.
 3. auto: the first backend, in the order of the table above, that is available, eligible for auto
-   selection and supports the inputs. The reference always runs, so auto never fails.
+   selection and supports the inputs, unless it declares that another backend is faster on these
+   inputs (``auto_why_not``: e.g. the C++ CPU GroupNorm on small fp32 maps); such a backend still runs
+   when nothing but the reference is left. The reference always runs, so auto never fails.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ class Implementation:
     ``why_not(*args, **kwargs)`` returns None when the backend supports the inputs, else a short
     reason ("head dim 600 > 512"). ``available()`` says whether the backend can run on this machine
     at all. ``auto_eligible()`` says whether auto selection may pick it (the Triton interpreter runs
-    only when asked for by name).
+    only when asked for by name). ``auto_why_not(*args, **kwargs)``: None, or why auto should prefer a
+    later backend for these inputs (it measured slower there).
     """
 
     op_name: str
@@ -66,6 +69,7 @@ class Implementation:
     why_not: Callable[..., Optional[str]] = _no_reason
     auto_eligible: Callable[[], bool] = _always
     unavailable_reason: Callable[[], str] = lambda: "not available on this machine"
+    auto_why_not: Callable[..., Optional[str]] = _no_reason
 
     def supports(self, *args: Any, **kwargs: Any) -> bool:
         return self.why_not(*args, **kwargs) is None
@@ -87,6 +91,7 @@ class LazyBackend:
         self.package_name = f"flashstep.backends.{backend}"
         self.function = function
         self.checker = "why_not" if function == "forward" else f"why_not_{function}"
+        self.auto_checker = f"auto_{self.checker}"
 
     def package(self):
         return importlib.import_module(self.package_name)
@@ -109,6 +114,10 @@ class LazyBackend:
             checker = getattr(module, self.checker, None)
             return None if checker is None else checker(*args, **kwargs)
 
+        def auto_why_not(*args: Any, **kwargs: Any) -> Optional[str]:
+            checker = getattr(self.module(), self.auto_checker, None)
+            return None if checker is None else checker(*args, **kwargs)
+
         return Implementation(
             op_name=op_name,
             backend=self.backend,
@@ -117,6 +126,7 @@ class LazyBackend:
             why_not=why_not,
             auto_eligible=lambda: self.package().auto_eligible(),
             unavailable_reason=self.unavailable_reason,
+            auto_why_not=auto_why_not,
         )
 
     def unavailable_reason(self) -> str:
@@ -139,10 +149,12 @@ class Op:
         *,
         why_not: Callable[..., Optional[str]] = _no_reason,
         available: Callable[[], bool] = _always,
+        auto_why_not: Callable[..., Optional[str]] = _no_reason,
     ) -> Implementation:
         if backend not in BACKEND_PRIORITY:
             raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKEND_PRIORITY)}")
-        impl = Implementation(self.name, backend, forward, available=available, why_not=why_not)
+        impl = Implementation(self.name, backend, forward, available=available, why_not=why_not,
+                              auto_why_not=auto_why_not)
         self.implementations[backend] = impl
         return impl
 
@@ -175,15 +187,17 @@ class Op:
         name = backend if backend is not None else requested_backend(self.name)
         if name is not None and name != "auto":
             return self._strict(name, args, kwargs)
+        slower_here: Optional[Implementation] = None
         for candidate in self.registered():
+            if candidate == "torch":
+                break
             impl = self.implementations[candidate]
-            if not self._available(candidate):
+            if not self._available(candidate) or not impl.auto_eligible() or not impl.supports(*args, **kwargs):
                 continue
-            if candidate != "torch" and not impl.auto_eligible():
-                continue
-            if impl.supports(*args, **kwargs):
+            if impl.auto_why_not(*args, **kwargs) is None:
                 return impl
-        return self.implementations["torch"]
+            slower_here = slower_here or impl
+        return slower_here or self.implementations["torch"]
 
     def _strict(self, name: str, args: tuple, kwargs: dict) -> Implementation:
         if name not in self.implementations:

@@ -28,6 +28,12 @@ from . import tensors_on_cpu
 # quiet, fp32: (2, 1280, 2, 2) 0.14 ms on one thread, 0.29 ms on two; (2, 320, 16, 16) 0.19 vs 0.34 ms; from
 # (2, 320, 32, 32) on, two threads are as fast or faster).
 SINGLE_THREAD_MAX_ELEMENTS = 256 * 1024
+# Auto selection leaves plain fp32 inputs below this size to the aten backend (F.group_norm): on the quiet
+# machine (benchmarks/results_cpu_ops.txt) this kernel ran 1.32x torch eager at (1, 128, 128, 128) = 2 Mi
+# elements but 0.98x at 1 Mi, 0.55-0.80x at the VAE's smaller maps and 0.4-0.5x at the UNet's (which
+# aten runs at 0.7-0.9x eager). With given statistics (streamed tiles) or in fp16/bf16 it stays: there
+# the alternatives are the fp32 reference or torch's slow half-precision CPU path.
+AUTO_MIN_FP32_ELEMENTS = 2 * 1024 * 1024
 
 
 def _address(tensor) -> int:
@@ -42,6 +48,12 @@ def why_not(x, num_groups, weight, bias, eps, activation, residual, stats):
         return f"dtype {x.dtype} is not float32, float16 or bfloat16"
     if x.numel() == 0:
         return "empty input"
+    return None
+
+
+def auto_why_not(x, num_groups, weight, bias, eps, activation, residual, stats):
+    if stats is None and x.dtype == torch.float32 and x.numel() < AUTO_MIN_FP32_ELEMENTS:
+        return f"torch's own group_norm is as fast below {AUTO_MIN_FP32_ELEMENTS} fp32 elements"
     return None
 
 
