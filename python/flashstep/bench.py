@@ -25,7 +25,6 @@ them the table has flashstep's row only and says why.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib
 import json
@@ -43,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .runner.memory import release_heap
 from .testing import OSEDIFF_UNET_PATTERNS, OSEDIFF_VAE_PATTERNS, randomize_
 
 PIPELINES = ("osediff", "s3diff", "sd-turbo", "rrdbnet")
@@ -324,14 +324,6 @@ def _copy_of(model: torch.nn.Module, factory: Callable[[], torch.nn.Module]) -> 
 
 
 # -- measuring -----------------------------------------------------------------------------------------
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -347,8 +339,7 @@ def resident_bytes() -> int:
 def release_free_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so that RSS tracks live memory."""
     gc.collect()
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+    release_heap()
 
 
 class PeakMemory:

@@ -189,9 +189,11 @@ def test_transformer_blocks_attend_to_the_whole_latent():
     tiled = TiledUNet(unet, BIG_BUDGET, tile=4)
     far = (tiled(changed, TIMESTEP, context) - tiled(sample, TIMESTEP, context))[..., -3:, -3:]
     with torch.no_grad():
-        plain_far = (unet(changed, TIMESTEP, context) - unet(sample, TIMESTEP, context))[..., -3:, -3:]
-    assert plain_far.abs().max() > 1e-3
-    assert_matches(far, plain_far, "far corner response")
+        plain = unet(sample, TIMESTEP, context)
+        plain_far = (unet(changed, TIMESTEP, context) - plain)[..., -3:, -3:]
+    tolerance = RANGE_FRACTION * (plain.max() - plain.min()).item()
+    assert plain_far.abs().max() > 100 * tolerance
+    assert (far - plain_far).abs().max() <= tolerance
 
 
 def test_group_statistics_spanning_two_maps_equal_those_of_their_concatenation():

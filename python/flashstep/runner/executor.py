@@ -13,7 +13,7 @@ import torch
 from .. import registry
 from .cuda_graphs import CudaGraphCache
 from .graph import Graph, Stage, StageRecord
-from .memory import MemoryBudget
+from .memory import MemoryBudget, release_heap
 
 log = logging.getLogger("flashstep")
 
@@ -72,6 +72,8 @@ class Runner:
                 self._run_stage(stage, values)
             for name in freed.get(index, ()):
                 values.pop(name, None)
+            if self.device.type == "cpu":
+                release_heap()
         return {name: values[name] for name in outputs}
 
     def _synchronize(self) -> None:

@@ -7,12 +7,33 @@ the tilers).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; nothing elsewhere).
+
+    Tiles and stage intermediates are freed into the heap, which keeps their pages: on the CPU, OSEDiff at
+    2048² under a 1 GB budget stayed 213-440 MB above its starting RSS between stages without this.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}

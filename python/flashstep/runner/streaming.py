@@ -31,13 +31,17 @@ from .. import ops
 from ..models.attention import merge_heads, residual_add, split_heads
 from ..models.layers import GroupNorm
 from .feature_store import STORE_KINDS, FeatureMap, FeatureStore
-from .memory import MemoryBudget, available_ram, parse_memory
+from .memory import MemoryBudget, available_ram, parse_memory, release_heap
 from .stream_steps import (ATTENTION_COPIES, ConvStep, SpatialAttentionStep, Step, StreamedRunRecord, TokenStep, TransformerBlockStep,
                            conv_input_window, names, plan_shapes)
 
-# NOTE: a quarter of the budget is kept for the tile being computed; the rest holds full maps. Bigger
-# tiles only shave the halo overhead (about 4/side of a 3×3 conv's work), the maps are what must fit.
+# NOTE: a quarter of the budget is kept for the tile being computed and 60% holds full maps. Bigger tiles
+# only shave the halo overhead (about 4/side of a 3×3 conv's work), the maps are what must fit. The last
+# 15% is left to what lives beside the stage: the pipeline's full-size images (its input, the upsampled
+# input, the output) and the heap's slack. With maps at 75%, OSEDiff ×4 to 2048² (reduced config, CPU) under
+# a 1 GB budget peaked at 1027 MB above its starting RSS during the streamed decode.
 TILE_SHARE = 0.25
+MAP_SHARE = 0.60
 MINIMUM_TILE = 8
 # NOTE: on a CPU, tiles whose tensors exceed a few MiB come from fresh mmaps that page-fault on every
 # use (the caching allocator that saves this on a GPU does not exist there). Decoding 4096² with 8
@@ -50,9 +54,9 @@ Moments = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def store_capacities(budget_bytes: float, device: torch.device, host_memory: Optional[int]) -> Dict[str, float]:
-    """Bytes each store kind may hold: the budget less the tile share on the device; on a GPU also host RAM
+    """Bytes each store kind may hold: the map share of the budget on the device; on a GPU also host RAM
     (``host_memory``, default half the available RAM). On a CPU device and host are one memory."""
-    maps = budget_bytes * (1 - TILE_SHARE)
+    maps = budget_bytes * MAP_SHARE
     if device.type == "cpu":
         return {"host": maps}
     host = host_memory if host_memory is not None else available_ram() // 2
@@ -79,12 +83,12 @@ class StreamedModel:
     :class:`~flashstep.runner.unet_tiling.TiledUNet`).
 
     ``budget``: activation bytes the compute device (the model's parameters' device) may hold; a quarter goes
-    to the tile being computed, the rest to full maps on the device. ``tile``: output-tile side in pixels of
-    every step, and attention in bands of about tile² query pixels (None: both from the budget, per step).
-    Results are made on the input's device. ``host_memory``: RAM the maps may take when computing on a GPU
-    (default half the available RAM); on a CPU device and host are one memory and ``budget`` decides between
-    RAM and disk. ``store``: put every map in this kind ("device", "host", "disk"). ``last_run``: what the
-    last call did.
+    to the tile being computed, 60% to full maps on the device, the rest is left to the caller's tensors.
+    ``tile``: output-tile side in pixels of every step, and attention in bands of about tile² query pixels
+    (None: both from the budget, per step). Results are made on the input's device. ``host_memory``: RAM
+    the maps may take when computing on a GPU (default half the available RAM); on a CPU device and host
+    are one memory and ``budget`` decides between RAM and disk. ``store``: put every map in this kind
+    ("device", "host", "disk"). ``last_run``: what the last call did.
     """
 
     def __init__(self, budget: MemoryBudget, tile: Optional[int] = None, progress: bool = False, *,
@@ -190,6 +194,8 @@ class StreamedRun:
                 for name in dict.fromkeys(step.reads()):
                     if self.last_reader[name] == index:
                         store.free(self.maps.pop(name))
+                if self.device.type == "cpu":
+                    release_heap()
             return self.maps[final].whole(x.device)
         finally:
             if self.bar is not None:
