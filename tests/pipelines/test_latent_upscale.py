@@ -213,8 +213,10 @@ def test_interpolating_heads_give_the_decode_of_the_interpolated_latent(sd_turbo
         expected = generator.graph["decode"].fn(x0=upscaled)[0].clamp(0, 1)
     assert ours.shape == (3, height * scale, width * scale)
     # The heads interpolate by a convolution whose sums run in oneDNN's order, not F.interpolate's: the two agree
-    # to float32 rounding (2.3e-6 measured on this [0, 1] image), far below any interpolation-mode difference.
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    # to float32 rounding after the decoder (2.3e-6 to 1.1e-5 measured on this [0, 1] image, as the decoder's
+    # GroupNorm backend changed), far below any interpolation-mode difference; the limit is the fp32 parity rule,
+    # 1e-4 of the range.
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
 
     trained = build_latent_upscale(sd_turbo_folder, adapter_file, device="cpu", dtype="fp32")
     other = trained(PROMPT, seed=3, scale=scale, height=height, width=width, output_type="torch")[0]
