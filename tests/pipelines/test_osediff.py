@@ -285,3 +285,24 @@ def test_latent_tiles_blend_without_a_seam(osediff_files, helpers):
     interior[16:-16, 16:-16] = True
     at, elsewhere = error[near & interior].mean().item(), error[~near & interior].mean().item()
     assert at <= 1.5 * elsewhere, f"mean error {at:.4f} along the tile edges, {elsewhere:.4f} elsewhere"
+
+
+@pytest.mark.parametrize("mode", ["exact", "gaussian"])
+def test_the_cli_takes_the_latent_tiling(osediff_files, gaussian_pipe, pipe, helpers, tmp_path, mode):
+    """``flashstep upscale --model osediff --tile 256 --latent-tiling MODE`` writes what the API gives (an 80×80
+    input: a 40×40 latent in 32-latent tiles)."""
+    from flashstep.cli import main
+
+    lq = helpers.smooth_image(80, 80, seed=15)
+    source = tmp_path / "in.png"
+    Image.fromarray((lq.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(source)
+    out = tmp_path / "out.png"
+    code = main(["upscale", str(source), "-o", str(out), "--model", "osediff", "--base", str(osediff_files.base),
+                 "--lora", str(osediff_files.lora), "--dtype", "fp32", "--tile", "256", "--latent-tiling", mode,
+                 "--color-fix", "none", "-q"])
+    assert code == 0
+    api = gaussian_pipe if mode == "gaussian" else pipe
+    expected = api(Image.open(source), color_fix="none", tile=256)
+    assert api.graph["denoise"].record.tiles > 0
+    written = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(written - np.asarray(expected, dtype=np.int16)).max() <= 1
