@@ -7,7 +7,8 @@ image. :class:`TiledUNet` instead runs every primitive of the UNet as a step of
 :mod:`flashstep.runner.streaming` over FULL maps (device, host RAM or disk), one output tile at a time:
 
     conv_in                             3×3 conv tiles
-    resnet                              conv1(silu(norm1(x))) + time_emb_proj(silu(emb)), conv2(silu(norm2(h))) + shortcut(x)
+    resnet                              h = conv1(silu(norm1(x))) + time_emb_proj(silu(emb)),
+                                        conv2(silu(norm2(h))) + shortcut(x)
     Transformer2DModel                  proj_in(norm(x)) per pixel; per BasicTransformerBlock: self-attention of
                                         each band of query rows against the keys and values of the whole map,
                                         then cross-attention and feed-forward per token; x + proj_out(·) per pixel
@@ -17,7 +18,8 @@ image. :class:`TiledUNet` instead runs every primitive of the UNet as a step of
     conv_out                            conv(silu(conv_norm_out(h)))
 
 Every GroupNorm uses the whole map's statistics, so the output equals ``unet(sample, t, context)`` up to
-float rounding, with no seam and at any size. Skip maps stay in the store until the up path reads them.
+float rounding, with no seam, on latents whose sides are multiples of 2^(levels-1) (the SR pipelines pad
+theirs to 8). Skip maps stay in the store until the up path reads them.
 Memory: a tile's working set, the weights, the maps the budget keeps on the device, and for each
 self-attention the keys and values of its whole map (2·B·H·W·C values).
 """
