@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")

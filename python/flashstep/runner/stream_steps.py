@@ -3,8 +3,9 @@
 A plan is a list of steps over named full maps (B, C, H, W); the input map is ``"input"``.
 :class:`~flashstep.runner.streaming.StreamedRun` executes it. Four kinds:
 
-* :class:`ConvStep` — ``[pointwise_after](conv([upsample](prologue(cat(sources)))) [+ bias] [+ shortcut(cat(residual))])``,
-  per output tile with the conv's halo; prologue = silu(group_norm) with whole-map statistics, or a 1×1 conv.
+* :class:`ConvStep` — ``[pointwise_after](conv([upsample](prologue(cat(sources)))) [+ bias]
+  [+ shortcut(cat(residual))])``, per output tile with the conv's halo; prologue = silu(group_norm) with
+  whole-map statistics, or a 1×1 conv.
 * :class:`SpatialAttentionStep` — the VAE mid-block attention (one head, GroupNorm first, residual after).
 * :class:`TokenStep` — a per-pixel function (a Linear or 1×1 conv over channels), optionally after a
   GroupNorm with whole-map statistics and before a residual add.
@@ -229,6 +230,11 @@ def plan_shapes(steps: Sequence[Step], input_shape: Sequence[int]) -> Dict[str, 
     for step in steps:
         shapes[step.output] = tuple(step.output_shape(shapes))
     return shapes
+
+
+def last_readers(steps: Sequence[Step]) -> Dict[str, int]:
+    """map name -> the index of the last step that reads it (after which the map can be freed)."""
+    return {name: index for index, step in enumerate(steps) for name in step.reads()}
 
 
 @dataclass

@@ -32,8 +32,8 @@ from ..models.attention import merge_heads, residual_add, split_heads
 from ..models.layers import GroupNorm
 from .feature_store import STORE_KINDS, FeatureMap, FeatureStore
 from .memory import MemoryBudget, available_ram, parse_memory, release_heap
-from .stream_steps import (ATTENTION_COPIES, ConvStep, SpatialAttentionStep, Step, StreamedRunRecord, TokenStep, TransformerBlockStep,
-                           conv_input_window, names, plan_shapes)
+from .stream_steps import (ATTENTION_COPIES, ConvStep, SpatialAttentionStep, Step, StreamedRunRecord, TokenStep,
+                           TransformerBlockStep, conv_input_window, last_readers, names, plan_shapes)
 
 # NOTE: a quarter of the budget is kept for the tile being computed and 60% holds full maps. Bigger tiles
 # only shave the halo overhead (about 4/side of a 3×3 conv's work), the maps are what must fit. The last
@@ -117,7 +117,7 @@ def plain_peak_bytes(steps: List[Step], input_shape: Sequence[int], dtype: torch
     to be read later plus the step's own working set (``untiled_bytes``); the largest over the steps."""
     shapes = plan_shapes(steps, input_shape)
     element_size = torch.empty((), dtype=dtype).element_size()
-    last_reader = {name: index for index, step in enumerate(steps) for name in step.reads()}
+    last_reader = last_readers(steps)
     live = {"input": math.prod(shapes["input"]) * element_size}
     peak = 0
     for index, step in enumerate(steps):
@@ -168,10 +168,7 @@ class StreamedRun:
         self.attention_mode = ""
         self.bar = None
         self.normalised = {name for step in steps for group in step.normalised() for name in group}
-        self.last_reader: Dict[str, int] = {}
-        for index, step in enumerate(steps):
-            for name in step.reads():
-                self.last_reader[name] = index
+        self.last_reader = last_readers(steps)
 
     # -- driver -------------------------------------------------------------------------------------
     def execute(self, store: FeatureStore, x: torch.Tensor, label: Optional[str]) -> torch.Tensor:

@@ -25,7 +25,7 @@ self-attention the keys and values of its whole map (2·B·H·W·C values).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -72,21 +72,21 @@ def unet_plan(unet, temb_act: Optional[torch.Tensor], context: Optional[torch.Te
     steps: List[Step] = [ConvStep("conv_in", "input", unet.conv_in)]
     skips = ["conv_in"]
 
-    def block_layers(prefix: str, block, sources) -> str:
+    def add_block_layers(prefix: str, block, skips_to_read: Optional[List[str]] = None) -> List[str]:
+        """Each resnet (and its transformer) of ``block``; resnets read [h, skip] when ``skips_to_read`` is
+        given (last first). Returns each layer's output map."""
         attentions = getattr(block, "attentions", None)
-        output = ""
+        outputs = []
         for j, resnet in enumerate(block.resnets):
-            source = sources(j)
+            source = steps[-1].output if skips_to_read is None else (steps[-1].output, skips_to_read.pop())
             steps.extend(resnet_steps(f"{prefix}.resnets.{j}", resnet, source, temb_act))
-            output = steps[-1].output
-            if attentions is not None and j < len(attentions):
-                steps.extend(transformer_steps(f"{prefix}.attentions.{j}", attentions[j], output, context))
-                output = steps[-1].output
-            yield output
+            if attentions is not None:
+                steps.extend(transformer_steps(f"{prefix}.attentions.{j}", attentions[j], steps[-1].output, context))
+            outputs.append(steps[-1].output)
+        return outputs
 
     for i, block in enumerate(unet.down_blocks):
-        for output in block_layers(f"down_blocks.{i}", block, lambda j: steps[-1].output):
-            skips.append(output)
+        skips.extend(add_block_layers(f"down_blocks.{i}", block))
         if block.downsamplers is not None:
             steps.append(ConvStep(f"down_blocks.{i}.downsamplers.0", steps[-1].output, block.downsamplers[0].conv))
             skips.append(steps[-1].output)
@@ -97,8 +97,7 @@ def unet_plan(unet, temb_act: Optional[torch.Tensor], context: Optional[torch.Te
     steps.extend(resnet_steps("mid_block.resnets.1", mid.resnets[1], steps[-1].output, temb_act))
 
     for i, block in enumerate(unet.up_blocks):
-        for _ in block_layers(f"up_blocks.{i}", block, lambda j: (steps[-1].output, skips.pop())):
-            pass
+        add_block_layers(f"up_blocks.{i}", block, skips)
         if block.upsamplers is not None:
             steps.append(ConvStep(f"up_blocks.{i}.upsamplers.0", steps[-1].output, block.upsamplers[0].conv,
                                   upsample=True))
@@ -118,6 +117,7 @@ class TiledUNet(StreamedModel):
                  host_memory: Optional[Union[str, int]] = None, store: Optional[str] = None):
         super().__init__(budget, tile, progress, host_memory=host_memory, store=store)
         self.unet = unet
+        self._plain_peaks: Dict[Tuple[Tuple[int, ...], torch.dtype], int] = {}
 
     @property
     def multiple(self) -> int:
@@ -125,8 +125,11 @@ class TiledUNet(StreamedModel):
 
     def untiled_peak_bytes(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         """Estimated activation bytes of the plain ``unet`` on a latent of ``shape``: the most it holds at once,
-        the skips waiting for the up path included."""
-        return plain_peak_bytes(unet_plan(self.unet, None, None), shape, dtype)
+        the skips waiting for the up path included. Kept per shape: the pipelines ask before every call."""
+        key = (tuple(shape), dtype)
+        if key not in self._plain_peaks:
+            self._plain_peaks[key] = plain_peak_bytes(unet_plan(self.unet, None, None), shape, dtype)
+        return self._plain_peaks[key]
 
     def __call__(self, sample: torch.Tensor, timestep, context: torch.Tensor,
                  text_embeds: Optional[torch.Tensor] = None, time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
